@@ -1,0 +1,353 @@
+"""Turning a user's model into an explainer graph: trace once with torch.fx, then put a
+RelevanceLayer in place of every layer and functional op that carries relevance.
+
+The user's model is never modified: tracing runs with every module temporarily in eval mode
+(flags restored afterwards), and the new graph calls shallow copies or the functional form
+of the user's layers, never their hooks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from . import layers
+from .composites import Composite
+from .relevance_layers import (AffineLayer, ElementwiseLayer, GatedProductLayer, GradientLayer, MaxPoolLayer,
+                               NormLayer, batchnorm_forward, eval_forward)
+from .rules import (DeconvNet, Gradient, GuidedBackprop, LinearRule, Norm, Pass, Proportional, Rule)
+
+
+class UnsupportedLayerError(TypeError):
+    """A layer or op in the model has no LRP rule and no pass-through was requested."""
+
+
+class _Tracer(fx.Tracer):
+    """Keeps every layer fastlrp knows as one node, including subclasses defined outside
+    torch.nn (torchvision's Conv3DSimple is an nn.Conv3d)."""
+
+    def __init__(self, leaf_types: tuple):
+        super().__init__()
+        self.leaf_types = leaf_types
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module, extra_leaves: tuple = ()) -> fx.GraphModule:
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        tracer = _Tracer(layers.SUPPORTED + tuple(extra_leaves))
+        graph = tracer.trace(model)
+    except Exception as err:
+        raise TypeError(
+            f"fastlrp could not trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}). "
+            "LRP needs the model's graph; data-dependent Python control flow in forward() cannot be traced. "
+            "Move it into a submodule and list that module in passthrough=..., or rewrite it with tensor ops."
+        ) from err
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    return fx.GraphModule(tracer.root, graph, class_name=f"LRP{type(model).__name__}")
+
+
+# Functional ops, by target, mapped to the module type composites know them by.
+_ADD = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__iadd__"}
+_MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
+_MEAN = {torch.mean, "mean"}
+_SUM = {torch.sum, "sum"}
+_ACTIVATIONS = {
+    F.relu: nn.ReLU, torch.relu: nn.ReLU, "relu": nn.ReLU, "relu_": nn.ReLU, F.relu_: nn.ReLU,
+    F.relu6: nn.ReLU6, F.leaky_relu: nn.LeakyReLU, F.elu: nn.ELU, F.gelu: nn.GELU, F.silu: nn.SiLU,
+    torch.sigmoid: nn.Sigmoid, "sigmoid": nn.Sigmoid, F.sigmoid: nn.Sigmoid, torch.tanh: nn.Tanh,
+    "tanh": nn.Tanh, F.tanh: nn.Tanh, F.hardswish: nn.Hardswish, F.hardsigmoid: nn.Hardsigmoid,
+    F.softplus: nn.Softplus, F.hardtanh: nn.Hardtanh, F.mish: nn.Mish,
+}
+_POOLS = {
+    F.avg_pool1d: nn.AvgPool1d, F.avg_pool2d: nn.AvgPool2d, F.avg_pool3d: nn.AvgPool3d,
+    F.adaptive_avg_pool1d: nn.AdaptiveAvgPool1d, F.adaptive_avg_pool2d: nn.AdaptiveAvgPool2d,
+    F.adaptive_avg_pool3d: nn.AdaptiveAvgPool3d,
+    F.max_pool1d: nn.MaxPool1d, F.max_pool2d: nn.MaxPool2d, F.max_pool3d: nn.MaxPool3d,
+    F.adaptive_max_pool1d: nn.AdaptiveMaxPool1d, F.adaptive_max_pool2d: nn.AdaptiveMaxPool2d,
+    F.adaptive_max_pool3d: nn.AdaptiveMaxPool3d,
+}
+# Ops whose gradient is already the right relevance flow: reshapes, copies, splits, joins,
+# eval-mode dropout, nearest/bilinear resampling, and reads of shapes.
+_STRUCTURAL = {
+    operator.getitem, getattr, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
+    torch.unsqueeze, torch.cat, torch.concat, torch.stack, torch.chunk, torch.split, torch.narrow,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.interpolate, F.pad, torch._assert, operator.floordiv,
+    "size", "dim", "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
+    "chunk", "split", "expand", "expand_as", "clone", "to", "type_as", "float", "double", "half", "bfloat16",
+    "view_as", "reshape_as", "narrow", "unbind", "movedim", "swapaxes", "__getitem__",
+}
+
+
+@dataclass
+class Options:
+    """How the engine treats what composites do not decide."""
+
+    maxpool: str = "winner"
+    fold_batchnorm: bool = True
+    functional_rules: bool = True
+    passthrough: tuple = ()
+
+
+def _site_name(node: fx.Node) -> str:
+    """A readable name for a functional node: its enclosing module path and the op."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = next(reversed(stack.values()))[0] if stack else ""
+    if isinstance(path, tuple):
+        path = path[0]
+    return f"{path}.{node.name}" if path else node.name
+
+
+def _target_name(target) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", repr(target))
+
+
+def _node_args(node: fx.Node) -> list:
+    return [a for a in node.args if isinstance(a, fx.Node)]
+
+
+def _bind_functional(node: fx.Node):
+    """fn(*tensor_inputs) for a functional node, with its other arguments bound."""
+    target, args, kwargs = node.target, node.args, dict(node.kwargs)
+    kwargs.pop("inplace", None)
+    positions = [i for i, a in enumerate(args) if isinstance(a, fx.Node)]
+
+    def fn(*tensors):
+        full = list(args)
+        for i, t in zip(positions, tensors):
+            full[i] = t
+        if isinstance(target, str):
+            return getattr(full[0], target.rstrip("_") if target.endswith("_") and not target.startswith("_")
+                           else target)(*full[1:], **kwargs)
+        if target in (operator.iadd, operator.imul):
+            return {operator.iadd: operator.add, operator.imul: operator.mul}[target](*full)
+        if target is F.relu_:
+            return F.relu(*full)
+        return target(*full, **kwargs)
+
+    return fn
+
+
+def _pool_module(node: fx.Node) -> nn.Module:
+    """The nn pooling module equivalent to a functional pooling call."""
+    cls = _POOLS[node.target]
+    fn_params = list(inspect.signature(cls.__init__).parameters)[1:]
+    bound = dict(zip(_functional_param_names(node.target), node.args[1:]))
+    bound.update(node.kwargs)
+    return cls(**{k: v for k, v in bound.items() if k in fn_params})
+
+
+def _functional_param_names(fn) -> list:
+    try:
+        return list(inspect.signature(fn).parameters)[1:]
+    except (TypeError, ValueError):
+        # boolean-dispatch wrappers (max_pool*) hide their signature; all share this order
+        return ["kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"]
+
+
+def build(model: nn.Module, composite: Composite, options: Options) -> fx.GraphModule:
+    """The explainer graph of ``model`` under ``composite``."""
+    passthrough_types = tuple(p for p in options.passthrough if isinstance(p, type))
+    passthrough_names = {p for p in options.passthrough if isinstance(p, str)}
+    gm = trace(model, passthrough_types)
+    first_name = composite.first_layer(model)
+    graph = gm.graph
+    new_modules: dict[str, nn.Module] = {}
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise TypeError(f"{type(model).__name__}.forward takes {len(placeholders)} inputs; "
+                        "fastlrp explains models with exactly one input tensor")
+
+    folds = _batchnorm_folds(gm) if options.fold_batchnorm else {}
+
+    def resolve(site: str, module: nn.Module) -> Rule:
+        rule = composite.rule_for(site, module, first_name)
+        return Gradient() if rule is None else rule
+
+    seen_sites: dict[str, int] = {}
+
+    def replace(node: fx.Node, layer: nn.Module, inputs: list):
+        # a module called twice (a shared ReLU) gets a layer per call: "relu", "relu#1", ...
+        count = seen_sites.get(layer.site, 0)
+        seen_sites[layer.site] = count + 1
+        if count:
+            layer.site = f"{layer.site}#{count}"
+        key = f"lrp_{len(new_modules)}"
+        new_modules[key] = layer
+        gm.add_submodule(key, layer)
+        with graph.inserting_before(node):
+            new = graph.call_module(key, tuple(inputs))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+
+    for node in list(graph.nodes):
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            site = node.target
+            if site in passthrough_names or isinstance(module, passthrough_types):
+                replace(node, GradientLayer(site, _eval_call(module)), list(node.args))
+                continue
+            layer = _module_layer(node, site, module, resolve, options, folds)
+            if layer is None:  # folded into its predecessor
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+                continue
+            replace(node, layer, list(node.args))
+        elif node.op in ("call_function", "call_method"):
+            site = _site_name(node)
+            layer = _functional_layer(node, site, resolve, options, passthrough_names)
+            if layer is not None:
+                replace(node, layer, _node_args(node))
+        elif node.op == "output":
+            if not isinstance(node.args[0], fx.Node):
+                raise TypeError(f"{type(model).__name__}.forward returns {type(node.args[0]).__name__}; "
+                                "fastlrp explains models whose output is one tensor")
+
+    gm.delete_all_unused_submodules()
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _eval_call(module: nn.Module):
+    """Call a user's pass-through module in eval mode, restoring its flags afterwards."""
+    def call(*args):
+        flags = [(m, m.training) for m in module.modules()]
+        try:
+            module.eval()
+            return module(*args)
+        finally:
+            for m, flag in flags:
+                m.training = flag
+    return call
+
+
+def _check_rule(site: str, module_type: str, rule: Rule, allowed: tuple):
+    if not isinstance(rule, allowed):
+        names = ", ".join(sorted({c.__name__ for c in allowed}))
+        raise TypeError(f"{site} ({module_type}) cannot take the rule {rule!r}; rules for it: {names}")
+
+
+def _module_layer(node, site, module, resolve, options, folds):
+    kind = type(module).__name__
+    if isinstance(module, layers.Linear):
+        rule = resolve(site, module)
+        _check_rule(site, kind, rule, (LinearRule, Gradient))
+        return AffineLayer(site, rule, module, folds.get(node))
+    if isinstance(module, layers.BatchNorm):
+        if node in folds:
+            return None
+        rule = resolve(site, module)
+        _check_rule(site, kind, rule, (Pass, Gradient))
+        return ElementwiseLayer(site, rule, batchnorm_forward(module))
+    if isinstance(module, layers.Activation):
+        rule = resolve(site, module)
+        _check_rule(site, kind, rule, (Pass, Gradient) + ((GuidedBackprop, DeconvNet)
+                                                          if isinstance(module, nn.ReLU) else ()))
+        return ElementwiseLayer(site, rule, eval_forward(module))
+    if isinstance(module, layers.AvgPool):
+        rule = resolve(site, module)
+        _check_rule(site, kind, rule, (Norm, Gradient))
+        return _norm_or_gradient(site, rule, eval_forward(module))
+    if isinstance(module, layers.MaxPool):
+        rule = resolve(site, module)
+        if isinstance(rule, Gradient) and options.maxpool == "proportional":
+            rule = Proportional()
+        _check_rule(site, kind, rule, (Proportional, Gradient))
+        return MaxPoolLayer(site, rule, module)
+    if isinstance(module, layers.Structural):
+        return GradientLayer(site, eval_forward(module))
+    raise UnsupportedLayerError(
+        f"{site} ({kind}, from {type(module).__module__}) has no LRP rule in fastlrp. "
+        f"Pass passthrough=[{kind}] or passthrough=['{site}'] to let relevance through it by the plain gradient, "
+        "or give it a rule in your composite if it is a subclass of a supported layer.")
+
+
+def _norm_or_gradient(site, rule, fn):
+    return NormLayer(site, rule, fn) if isinstance(rule, Norm) else GradientLayer(site, fn)
+
+
+def _batchnorm_folds(gm: fx.GraphModule) -> dict:
+    """{linear node: batch norm module} for each eval-mode batch norm whose input is the output
+    of a linear layer used by nothing else; such a pair computes one affine map."""
+    folds = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), layers.BatchNorm):
+            continue
+        bn = gm.get_submodule(node.target)
+        prev = node.args[0] if node.args else None
+        if not (isinstance(prev, fx.Node) and prev.op == "call_module" and len(prev.users) == 1):
+            continue
+        linear = gm.get_submodule(prev.target)
+        if not isinstance(linear, layers.Linear) or not bn.track_running_stats or bn.running_var is None:
+            continue
+        if isinstance(linear, nn.modules.conv._ConvTransposeNd) and linear.groups != 1:
+            continue
+        out_channels = linear.out_features if isinstance(linear, nn.Linear) else linear.out_channels
+        if out_channels == bn.num_features:
+            folds[prev] = bn
+            folds[node] = None  # marks the batch norm itself as folded away
+    return folds
+
+
+def _functional_layer(node, site, resolve, options, passthrough_names):
+    target = node.target
+    tensor_args = _node_args(node)
+    name = _target_name(target)
+    if site in passthrough_names or name in passthrough_names:
+        return None
+    if target in _ADD:
+        if len(tensor_args) < 2:
+            return None  # adding a constant: the gradient passes relevance unchanged
+        alpha = node.kwargs.get("alpha", 1.0)
+        template = layers.Sum(alpha)
+        rule = resolve(site, template)
+        _check_rule(site, "residual sum", rule, (Norm, Gradient))
+        fn = _bind_functional(node)
+        return NormLayer(site, rule, fn) if isinstance(rule, Norm) else GradientLayer(site, fn)
+    if target in _MUL:
+        if len(tensor_args) < 2:
+            return None  # scaling by a constant keeps its gradient
+        return GatedProductLayer(site, Pass())
+    if not options.functional_rules and (target in _ACTIVATIONS or target in _POOLS
+                                         or target in _MEAN or target in _SUM):
+        return GradientLayer(site, _bind_functional(node))  # as Zennit's hooks, which see only modules
+    if target in _ACTIVATIONS:
+        template = _ACTIVATIONS[target]()
+        rule = resolve(site, template)
+        _check_rule(site, f"{name}()", rule, (Pass, Gradient) + ((GuidedBackprop, DeconvNet)
+                                                                  if isinstance(template, nn.ReLU) else ()))
+        return ElementwiseLayer(site, rule, _bind_functional(node))
+    if target in _POOLS:
+        template = _pool_module(node)
+        if isinstance(template, layers.MaxPool):
+            rule = resolve(site, template)
+            if isinstance(rule, Gradient) and options.maxpool == "proportional":
+                rule = Proportional()
+            _check_rule(site, f"{name}()", rule, (Proportional, Gradient))
+            return MaxPoolLayer(site, rule, template)
+        rule = resolve(site, template)
+        _check_rule(site, f"{name}()", rule, (Norm, Gradient))
+        return _norm_or_gradient(site, rule, _bind_functional(node))
+    if target in _MEAN or target in _SUM:
+        template = layers.Mean(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
+        rule = resolve(site, template)
+        _check_rule(site, f"{name}()", rule, (Norm, Gradient))
+        return _norm_or_gradient(site, rule, _bind_functional(node))
+    if target in _STRUCTURAL:
+        return None
+    raise UnsupportedLayerError(
+        f"{site}: the operation {name}() has no LRP rule in fastlrp. "
+        f"Pass passthrough=['{name}'] to let relevance through it by the plain gradient.")

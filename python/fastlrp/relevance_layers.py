@@ -1,0 +1,216 @@
+"""The modules the engine puts in place of a model's layers: the ordinary output forward,
+the layer's LRP rule backward.
+
+Each one runs its forward under a custom autograd Function whose backward receives the
+relevance at the layer's output (autograd's "gradient") and returns the relevance at its
+inputs, computed by ``fastlrp.reference``. A layer whose rule is Gradient runs plain torch ops.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import reference
+from .rules import (DeconvNet, Gradient, GuidedBackprop, LinearRule, Norm, Pass, Proportional, Rule)
+
+
+class _RuleFunction(torch.autograd.Function):
+    """forward: ``layer.compute(*inputs)``; backward: ``layer.relevance(saved inputs, R)``."""
+
+    @staticmethod
+    def forward(ctx, layer, *inputs):
+        ctx.layer = layer
+        ctx.save_for_backward(*(inputs if layer.saves_inputs else ()))
+        ctx.shapes = [t.shape for t in inputs]
+        return layer.compute(*inputs)
+
+    @staticmethod
+    def backward(ctx, relevance):
+        return (None, *ctx.layer.relevance(ctx.saved_tensors, ctx.shapes, relevance))
+
+
+class RelevanceLayer(nn.Module):
+    """Base: ``site`` names the layer in the user's model; ``rule`` is what runs backward."""
+
+    saves_inputs = True
+
+    def __init__(self, site: str, rule: Rule):
+        super().__init__()
+        self.site, self.rule = site, rule
+
+    def forward(self, *inputs):
+        if isinstance(self.rule, Gradient):
+            return self.compute(*inputs)
+        return _RuleFunction.apply(self, *inputs)
+
+    def extra_repr(self) -> str:
+        return f"site={self.site!r}, rule={self.rule!r}"
+
+
+def _detached_params(module: nn.Module, names) -> list:
+    return [None if getattr(module, n, None) is None else getattr(module, n).detach() for n in names]
+
+
+class AffineLayer(RelevanceLayer):
+    """Linear / ConvNd / ConvTransposeNd, with a following batch norm folded in when given."""
+
+    def __init__(self, site: str, rule: Rule, module: nn.Module, batchnorm: nn.Module | None = None):
+        super().__init__(site, rule)
+        self.op = reference.AffineOp.from_module(module)
+        # Held in tuples so the user's modules are not registered as children of the explainer.
+        self._module = (module,)
+        self._batchnorm = (batchnorm,)
+        self._cache_key = None
+        self._cache = None
+
+    def params(self):
+        """(weight, bias) with the batch norm folded in; recomputed only when a source tensor changed."""
+        module, bn = self._module[0], self._batchnorm[0]
+        sources = [module.weight, module.bias]
+        if bn is not None:
+            sources += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+        key = tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        if key != self._cache_key:
+            weight, bias = _detached_params(module, ("weight", "bias"))
+            if bn is not None:
+                weight, bias = fold_batchnorm(self.op, weight, bias, bn)
+            self._cache_key, self._cache = key, (weight, bias)
+        return self._cache
+
+    def compute(self, x):
+        return self.op(x, *self.params())
+
+    def relevance(self, saved, shapes, relevance):
+        (x,) = saved
+        weight, bias = self.params()
+        return (self.rule.relevance(self.op, x, weight, bias, relevance),)
+
+
+def fold_batchnorm(op: reference.AffineOp, weight, bias, bn: nn.Module):
+    """Merge an eval-mode batch norm that follows a linear layer into its weight and bias:
+    W' = W * g / sqrt(var + eps), b' = (b - mean) * g / sqrt(var + eps) + beta."""
+    with torch.no_grad():
+        var, mean = bn.running_var.to(weight.dtype), bn.running_mean.to(weight.dtype)
+        scale = torch.rsqrt(var + bn.eps)
+        if bn.weight is not None:
+            scale = bn.weight.detach().to(weight.dtype) * scale
+        shift = torch.zeros_like(mean) if bn.bias is None else bn.bias.detach().to(weight.dtype)
+        if op.kind == "conv_transpose":  # weight is (in, out, k...); groups == 1 is checked by the caller
+            new_weight = weight * scale.reshape((1, -1) + (1,) * (weight.ndim - 2))
+        else:
+            new_weight = weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+        base = torch.zeros_like(mean) if bias is None else bias
+        return new_weight, (base - mean) * scale + shift
+
+
+class ElementwiseLayer(RelevanceLayer):
+    """Activations and unfolded batch norm: Pass, GuidedBackprop, DeconvNet or the gradient."""
+
+    def __init__(self, site: str, rule: Rule, fn: Callable):
+        super().__init__(site, rule)
+        self.fn = fn
+        self.saves_inputs = isinstance(rule, GuidedBackprop)
+
+    def compute(self, x):
+        return self.fn(x)
+
+    def relevance(self, saved, shapes, relevance):
+        if isinstance(self.rule, Pass):
+            return (relevance,)
+        if isinstance(self.rule, DeconvNet):
+            return (relevance.clamp(min=0),)
+        (x,) = saved  # GuidedBackprop
+        return (relevance.clamp(min=0) * (x > 0).to(relevance.dtype),)
+
+
+class NormLayer(RelevanceLayer):
+    """Residual sums, average pooling, means: the Norm rule over all tensor inputs."""
+
+    def __init__(self, site: str, rule: Rule, fn: Callable):
+        super().__init__(site, rule)
+        self.fn = fn
+
+    def compute(self, *inputs):
+        return self.fn(*inputs)
+
+    def relevance(self, saved, shapes, relevance):
+        return tuple(reference.norm(self.fn, saved, relevance, self.rule.stabilizer))
+
+
+class MaxPoolLayer(RelevanceLayer):
+    """Max pooling: gradient (winner-take-all) or Proportional."""
+
+    def __init__(self, site: str, rule: Rule, module: nn.Module):
+        super().__init__(site, rule)
+        if isinstance(rule, Proportional) and not isinstance(module, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
+            raise ValueError(f"{site} ({type(module).__name__}): the Proportional rule needs MaxPool1d/2d/3d")
+        if isinstance(rule, Proportional) and module.dilation not in (1, (1,) * len(_tuple(module.kernel_size))):
+            raise ValueError(f"{site} ({type(module).__name__}): the Proportional rule needs dilation=1")
+        self._module = (module,)
+
+    def compute(self, x):
+        return self._module[0].forward(x)
+
+    def relevance(self, saved, shapes, relevance):
+        m = self._module[0]
+        stride = m.stride if m.stride is not None else m.kernel_size
+        return (reference.maxpool_proportional(saved[0], relevance, m.kernel_size, stride, m.padding,
+                                               m.ceil_mode, self.rule.stabilizer),)
+
+
+def _tuple(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
+
+
+class GatedProductLayer(RelevanceLayer):
+    """``gate * value`` with the gate (the operand broadcast over the other) held constant."""
+
+    saves_inputs = False
+
+    def compute(self, a, b):
+        return a * b
+
+    def relevance(self, saved, shapes, relevance):
+        a_shape, b_shape = shapes
+        if a_shape == b_shape:
+            raise ValueError(
+                f"{self.site}: a product of two tensors of the same shape {tuple(a_shape)} has no LRP rule "
+                "(only a gate broadcast over the other operand, as in squeeze-and-excitation, is supported)")
+        value_first = a_shape.numel() >= b_shape.numel()
+        value_shape = a_shape if value_first else b_shape
+        passed = reference.gated_product(value_shape, relevance)
+        return (passed, None) if value_first else (None, passed)
+
+
+class GradientLayer(RelevanceLayer):
+    """A layer that keeps its plain gradient (structural layers, user pass-through)."""
+
+    def __init__(self, site: str, fn: Callable):
+        super().__init__(site, Gradient())
+        self.fn = fn
+
+    def compute(self, *inputs):
+        return self.fn(*inputs)
+
+
+def eval_forward(module: nn.Module) -> Callable:
+    """Call a module in eval mode without firing the user's hooks and without in-place writes:
+    a shallow copy (parameters shared) with ``training=False`` and ``inplace=False``."""
+    clone = copy.copy(module)  # a new __dict__; parameter and hook dicts stay shared, never written
+    clone.training = False
+    if hasattr(clone, "inplace"):
+        clone.inplace = False
+    return clone.forward
+
+
+def batchnorm_forward(bn: nn.Module) -> Callable:
+    """Eval-mode batch norm with the running statistics."""
+    def forward(x):
+        weight, bias = _detached_params(bn, ("weight", "bias"))
+        return F.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, False, 0.0, bn.eps)
+    return forward
