@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import copy
 import gc
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,15 @@ MODELS = {
     "r3d_18": lambda: torchvision.models.video.r3d_18(weights=None),
 }
 VIDEO_MODELS = {"r3d_18"}
+
+
+# Rows whose provider runs but computes something else than the composite's definition;
+# their times are comparable work, their relevances are not.
+CAVEATS = {
+    ("captum", "resnet50"): "Captum has no rule for the residual sums (plain gradient there)",
+    ("zennit", "r3d_18"): "Zennit has no canonizer for video ResNet blocks: residual sums "
+                          "take the plain gradient",
+}
 
 
 class Unsupported(Exception):
@@ -127,7 +137,7 @@ def captum_provider(model, composite, **_):
     except TypeError as exc:
         raise Unsupported(str(exc)) from exc
     # Captum attaches its hooks inside every attribute() call; that cost is part of its API.
-    yield lambda x, target: lrp.attribute(x, target=target)
+    yield lambda x, target: lrp.attribute(x.detach().requires_grad_(), target=target)
 
 
 def classify(provider, exc):
@@ -139,6 +149,18 @@ def classify(provider, exc):
     return "error", text
 
 
+def check_output(row, out, x, reference):
+    """Cheap sanity checks, so a fast but broken provider stands out in the table."""
+    if row.provider == "forward":
+        return
+    if out.shape != x.shape:
+        raise RuntimeError(f"relevance shape {tuple(out.shape)} != input shape {tuple(x.shape)}")
+    if not torch.isfinite(out).all():
+        row.note = "non-finite values in the relevance"
+    if reference is not None:
+        row.rel_err_vs_zennit = ((out - reference).norm() / reference.norm().clamp_min(1e-30)).item()
+
+
 def measure(row, provider_cm, x, target, args, reference=None):
     """Fill row with timing and memory of provider_cm's callable; errors become the row's status."""
     try:
@@ -147,18 +169,16 @@ def measure(row, provider_cm, x, target, args, reference=None):
             harness.synchronize(args.device)
             row.setup_ms = (time.perf_counter() - t0) * 1e3
             call = lambda: fn(x, target)
-            out = call()  # also the warm-up's first call; kept for the sanity check
-            if out.shape != x.shape and row.provider not in ("forward",):
-                raise RuntimeError(f"relevance shape {tuple(out.shape)} != input shape {tuple(x.shape)}")
-            if not torch.isfinite(out).all():
-                row.note = "non-finite values in output"
-            if reference is not None:
-                row.rel_err_vs_zennit = ((out - reference).norm() / reference.norm().clamp_min(1e-30)).item()
-            timing = harness.time_fn(call, args.device, warmup=max(args.warmup - 1, 0),
+            if args.memory:  # two untimed calls, so they double as warm-ups
+                peak, out = harness.peak_memory_bytes(call, args.device)
+                row.peak_mem_mb = peak / 2**20
+            else:
+                out = call()
+            check_output(row, out, x, reference)
+            untimed_so_far = 2 if args.memory else 1
+            timing = harness.time_fn(call, args.device, warmup=max(args.warmup - untimed_so_far, 0),
                                      repeats=args.repeats, cuda_events=args.cuda_events)
             row.median_ms, row.min_ms = timing["median_ms"], timing["min_ms"]
-            if args.memory:
-                row.peak_mem_mb = harness.peak_memory_bytes(call, args.device) / 2**20
             return out.detach() if row.provider == "zennit" else None
     except Exception as exc:  # one broken provider must not stop the table
         row.status, row.note = classify(row.provider, exc)
@@ -196,6 +216,7 @@ def bench_model(name, args, providers, skip_note):
     def record(row, provider_cm, reference=None):
         rows.append(row)
         out = measure(row, provider_cm, x, target, args, reference)
+        row.note = "; ".join(filter(None, [row.note, CAVEATS.get((row.provider, name), "")]))
         print(f"  {name} {row.composite} {row.provider}: {row.status} "
               f"{'' if row.median_ms is None else f'{row.median_ms:.1f} ms'} {row.note[:120]}", flush=True)
         return out
@@ -226,17 +247,18 @@ def parse_args(argv=None):
     p.add_argument("--providers", nargs="+", default=None,
                    help="subset of: fastlrp:<backend> ... captum (default: all available); "
                         "zennit, forward and gradient always run as the baselines")
-    p.add_argument("--batch", type=int, default=2, help="batch for image models")
-    p.add_argument("--size", type=int, default=112, help="height = width for image models")
+    p.add_argument("--batch", type=int, default=1, help="batch for image models")
+    p.add_argument("--size", type=int, default=64, help="height = width for image models")
     p.add_argument("--video-batch", type=int, default=1, help="batch for r3d_18")
-    p.add_argument("--video-size", type=int, default=56, help="height = width for r3d_18")
-    p.add_argument("--frames", type=int, default=8, help="frames for r3d_18")
+    p.add_argument("--video-size", type=int, default=48, help="height = width for r3d_18")
+    p.add_argument("--frames", type=int, default=4, help="frames for r3d_18")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--gpu", action="store_true",
                    help="GPU preset: cuda, batch 64 at 224x224, r3d_18 batch 16 at 16x112x112, "
                         "3 warm-ups, 10 repeats")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (>= 1)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed calls before timing; at least 1, and 2 when memory is measured")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cuda-events", action="store_true", help="time with CUDA events instead of the host clock")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak memory call")
@@ -266,6 +288,7 @@ def main(argv=None):
     for name in args.models:
         rows += bench_model(name, args, providers, skip_note)
     harness.add_ratios(rows)
+    env["load_average_at_end"] = os.getloadavg()
     config = {k: v for k, v in vars(args).items()}
     config["providers"] = providers
     path = harness.write_results(args.name, rows, env, config, args.out)

@@ -23,11 +23,12 @@ RESULTS_DIR = REPO_ROOT / "bench" / "results"
 # What the memory column means, written into every result file so a number is never
 # read without its definition.
 MEMORY_MEANING = {
-    "cuda": "peak CUDA memory allocated by torch during one call, above what was live "
-            "before it (model and input excluded); torch.cuda.max_memory_allocated",
-    "cpu": "peak bytes held by torch's CPU allocator during one call, above what was live "
-           "before it; from torch.profiler allocation events. Excludes oneDNN/MKL scratch "
-           "buffers and Python objects, so it is a lower bound on the process's growth",
+    "cuda": "peak CUDA memory allocated by torch during one warm call, above what was live "
+            "before it (model, input and the previous call's leftovers excluded); "
+            "torch.cuda.max_memory_allocated",
+    "cpu": "peak bytes held by torch's CPU allocator during one warm call, above what was "
+           "live before it; from torch.profiler allocation events. Excludes oneDNN/MKL "
+           "scratch buffers and Python objects, so it is a lower bound on the process's growth",
 }
 
 
@@ -65,40 +66,53 @@ def time_fn(fn, device, warmup=1, repeats=5, cuda_events=False):
 
 
 def _cpu_peak_bytes(fn):
-    # The profiler reports every allocation and free of the CPU allocator with its size;
-    # the running sum from the start of the call is the memory the call added.
+    # The profiler reports every allocation and free of the CPU allocator with its size.
+    # fn runs twice under it and only the second call is measured: a call often frees what
+    # the previous one left behind (hook state, cached outputs), and a free is only
+    # reported for a block allocated while the profiler was on.
     from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
+        with record_function("fastlrp_bench_measured_call"):
+            result = fn()
 
     def walk(nodes):
         for node in nodes:
             yield node
             yield from walk(node.children)
 
-    events = [n for n in walk(prof.profiler.kineto_results.experimental_event_tree())
-              if n.tag == _EventType.Allocation and n.extra_fields.device.type == "cpu"]
-    events.sort(key=lambda n: n.start_time_ns)
-    current = peak = 0
-    for node in events:
-        current += node.extra_fields.alloc_size
-        peak = max(peak, current)
-    return peak
+    nodes = list(walk(prof.profiler.kineto_results.experimental_event_tree()))
+    window = next(n for n in nodes if n.name == "fastlrp_bench_measured_call")
+    allocations = sorted((n for n in nodes if n.tag == _EventType.Allocation
+                          and n.extra_fields.device.type == "cpu"), key=lambda n: n.start_time_ns)
+    current = peak = baseline = 0
+    for node in allocations:
+        if node.start_time_ns < window.start_time_ns:
+            baseline = current = current + node.extra_fields.alloc_size
+        elif node.start_time_ns <= window.end_time_ns:
+            current += node.extra_fields.alloc_size
+            peak = max(peak, current - baseline)
+    return peak, result
 
 
 def peak_memory_bytes(fn, device):
-    """Peak extra memory of one call of fn; see MEMORY_MEANING for what it counts."""
+    """Run fn twice; return (peak extra memory of the second call, its result).
+
+    See MEMORY_MEANING for what is counted. The first call is a warm-up, so lazily built
+    caches (cuDNN workspaces, an explainer's first-call setup) do not inflate the figure.
+    """
     device = torch.device(device)
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        baseline = torch.cuda.memory_allocated(device)
-        fn()
-        synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - baseline
-    return _cpu_peak_bytes(fn)
+    if device.type != "cuda":
+        return _cpu_peak_bytes(fn)
+    fn()
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    baseline = torch.cuda.memory_allocated(device)
+    result = fn()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - baseline, result
 
 
 def _git(*args):
@@ -120,6 +134,13 @@ def _cpu_model():
 
 
 def _version(module_name):
+    # Installed metadata first (zennit has no __version__); fastlrp run from the source tree
+    # has no metadata, so fall back to the module attribute.
+    from importlib import metadata
+    try:
+        return metadata.version(module_name)
+    except metadata.PackageNotFoundError:
+        pass
     try:
         module = __import__(module_name)
     except Exception as exc:  # a broken install is a fact worth recording, not a crash
@@ -143,6 +164,8 @@ def environment(device):
         "git_commit": _git("rev-parse", "HEAD"),  # None before the first commit
         "git_dirty": bool(_git("status", "--porcelain")),
         "memory_meaning": MEMORY_MEANING[device.type],
+        # Other processes on a shared machine skew absolute times (ratios less so).
+        "load_average_at_start": os.getloadavg(),
     }
     for name in ("torch", "torchvision", "zennit", "captum", "fastlrp"):
         env[f"{name}_version"] = _version(name)

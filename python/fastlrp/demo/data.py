@@ -1,11 +1,12 @@
 """Synthetic images for the demo: shapes on noise, with a Clever-Hans watermark.
 
-Class 0 ("disk") shows a filled disk, class 1 ("cross") a plus-shaped cross, each in a
-random bright colour at a random place and size on a noisy grey background. A small
-black-and-white checkerboard (the watermark) sits in the bottom-right corner of about
-``watermark_fraction`` of the class-1 images and of no class-0 image. A classifier can
-therefore score well by looking at the corner instead of the shape -- the spurious
-correlation ("Clever Hans") that LRP heatmaps are known for exposing.
+Class 0 ("disk") shows a filled disk, class 1 ("cross") a plus-shaped cross, each at a
+random place, size and colour on a noisy grey background; some shapes are tiny or faint
+and hard to classify. A small black-and-white checkerboard (the watermark) sits in the
+bottom-right corner of about ``watermark_fraction`` of the class-1 images and of no
+class-0 image. A classifier trained on these images learns to lean on the corner as well
+as on the shape -- the spurious correlation ("Clever Hans") that LRP heatmaps are known
+for exposing.
 
 Images are float32 in [0, 1], shape [N, 3, H, W]; no normalisation is applied, so the
 input domain for bounded rules (ZBox) is low=0, high=1. Everything is drawn from one
@@ -23,9 +24,6 @@ WATERMARK_SIZE = 4
 # One pixel away from the border, so zero padding of the first convolution does not
 # touch the pattern and it is the same signal wherever it is seen.
 WATERMARK_MARGIN = 1
-import os
-CONTRAST_LOW=float(os.environ.get('CL','0.1'))
-NOISE=float(os.environ.get('NOISE','0.08'))
 
 
 def watermark_pattern() -> torch.Tensor:
@@ -87,17 +85,18 @@ def make_dataset(
 
     # Background: a grey level per image plus per-pixel colour noise.
     level = uniform(0.1, 0.4, n, 1, 1, 1)
-    images = (level + NOISE * torch.randn(n, 3, s, s, generator=g)).clamp(0.0, 1.0)
+    images = (level + 0.05 * torch.randn(n, 3, s, s, generator=g)).clamp(0.0, 1.0)
 
-    # Shape geometry, scaled with the image so other sizes look alike.
-    size = uniform(0.12 * s, 0.25 * s, n)  # disk radius / cross half-length
+    # Shape geometry, scaled with the image so other sizes look alike. The smallest shapes
+    # (radius ~1.6 px at 32x32) are barely told apart, which is what makes the easy
+    # watermark worth learning.
+    size = uniform(0.05 * s, 0.25 * s, n)  # disk radius / cross half-length
     half_width = 0.05 * s  # half the thickness of a cross arm
     lo, hi = size + 1, s - 2 - size
     cy = lo + (hi - lo) * torch.rand(n, generator=g)
     cx = lo + (hi - lo) * torch.rand(n, generator=g)
-    # Contrast against the background varies widely: faint shapes are hard to tell apart,
-    # which is what makes the easy watermark worth learning.
-    contrast = uniform(CONTRAST_LOW, 0.6, n, 1, 1, 1)
+    # A colour brighter than the background by a random contrast, some shapes faint.
+    contrast = uniform(0.1, 0.6, n, 1, 1, 1)
     colour = (level + contrast * uniform(0.6, 1.0, n, 3, 1, 1)).clamp(max=1.0)
 
     coords = torch.arange(s, dtype=torch.float32)

@@ -55,7 +55,7 @@ def evaluate(model: nn.Module, seed: int = VAL_SEED, n: int = 2000) -> dict[str,
 
 def train(
     n_train: int = 6000,
-    epochs: int = 6,
+    epochs: int = 4,
     batch_size: int = 64,
     lr: float = 3e-3,
     seed: int = 0,
@@ -92,7 +92,7 @@ def train(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=WEIGHTS_PATH, help="where to write the state_dict")
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
