@@ -90,6 +90,10 @@ _STRUCTURAL = {
 }
 
 
+# Functions (wrapped for fx by torchvision) that are the identity in eval mode.
+_EVAL_IDENTITIES = {"stochastic_depth"}
+
+
 @dataclass
 class Options:
     """How the engine treats what composites do not decide."""
@@ -170,6 +174,7 @@ def build(model: nn.Module, composite: Composite, options: Options) -> fx.GraphM
                         "fastlrp explains models with exactly one input tensor")
 
     folds = _batchnorm_folds(gm) if options.fold_batchnorm else {}
+    _mark_gates(gm)
 
     def resolve(site: str, module: nn.Module) -> Rule:
         rule = composite.rule_for(site, module, first_name)
@@ -279,6 +284,19 @@ def _norm_or_gradient(site, rule, fn):
     return NormLayer(site, rule, fn) if isinstance(rule, Norm) else GradientLayer(site, fn)
 
 
+_GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
+_GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, "sigmoid"}
+
+
+def _mark_gates(gm: fx.GraphModule) -> None:
+    """Mark sigmoid outputs: multiplied with another tensor they are a gate (squeeze-and-excitation),
+    which tells gate from value even where both have the same shape (a 1x1 feature map)."""
+    for node in gm.graph.nodes:
+        if (node.op == "call_module" and isinstance(gm.get_submodule(node.target), _GATE_MODULES)) or \
+                (node.op in ("call_function", "call_method") and node.target in _GATE_FUNCTIONS):
+            node.meta["fastlrp_gate"] = True
+
+
 def _batchnorm_folds(gm: fx.GraphModule) -> dict:
     """{linear node: batch norm module} for each eval-mode batch norm whose input is the output
     of a linear layer used by nothing else; such a pair computes one affine map."""
@@ -320,7 +338,8 @@ def _functional_layer(node, site, resolve, options, passthrough_names):
     if target in _MUL:
         if len(tensor_args) < 2:
             return None  # scaling by a constant keeps its gradient
-        return GatedProductLayer(site, Pass())
+        gates = [i for i, a in enumerate(tensor_args) if a.meta.get("fastlrp_gate")]
+        return GatedProductLayer(site, Pass(), gates[0] if len(gates) == 1 else None)
     if not options.functional_rules and (target in _ACTIVATIONS or target in _POOLS
                                          or target in _MEAN or target in _SUM):
         return GradientLayer(site, _bind_functional(node))  # as Zennit's hooks, which see only modules
@@ -346,7 +365,7 @@ def _functional_layer(node, site, resolve, options, passthrough_names):
         rule = resolve(site, template)
         _check_rule(site, f"{name}()", rule, (Norm, Gradient))
         return _norm_or_gradient(site, rule, _bind_functional(node))
-    if target in _STRUCTURAL:
+    if target in _STRUCTURAL or name in _EVAL_IDENTITIES:
         return None
     raise UnsupportedLayerError(
         f"{site}: the operation {name}() has no LRP rule in fastlrp. "

@@ -172,11 +172,19 @@ class GatedProductLayer(RelevanceLayer):
 
     saves_inputs = False
 
+    def __init__(self, site: str, rule: Rule, gate_index: int | None = None):
+        super().__init__(site, rule)
+        self.gate_index = gate_index  # known from the graph (a sigmoid output), else told by shape
+
     def compute(self, a, b):
         return a * b
 
     def relevance(self, saved, shapes, relevance):
         a_shape, b_shape = shapes
+        if self.gate_index is not None:
+            value_shape = shapes[1 - self.gate_index]
+            passed = reference.gated_product(value_shape, relevance)
+            return (None, passed) if self.gate_index == 0 else (passed, None)
         if a_shape == b_shape:
             raise ValueError(
                 f"{self.site}: a product of two tensors of the same shape {tuple(a_shape)} has no LRP rule "
