@@ -163,7 +163,8 @@ def _check_first_layer(layer, x):
 def _capture_relevance(store: dict, name: str):
     def hook(module, inputs, output):
         def keep(grad):
-            store[name] = grad.detach()
+            if grad is not None:  # None where no relevance arrives (a gate branch)
+                store[name] = grad.detach()
         if output.requires_grad:
             output.register_hook(keep)
     return hook
