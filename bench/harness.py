@@ -187,7 +187,7 @@ class Row:
     size: str               # "HxW" for images, "TxHxW" for video
     dtype: str
     device: str
-    status: str = "ok"      # ok, unsupported, error
+    status: str = "ok"      # ok, unsupported, error, unavailable (fastlrp not importable)
     median_ms: float | None = None
     min_ms: float | None = None
     peak_mem_mb: float | None = None
@@ -226,7 +226,7 @@ def format_table(rows):
     lines = [[r.model, str(r.batch), r.size, r.dtype, r.composite, r.provider,
               fmt(r.median_ms, ".1f"), fmt(r.min_ms, ".1f"), fmt(r.ratio_to_grad, ".2f"),
               fmt(r.ratio_to_zennit, ".2f"), fmt(r.peak_mem_mb, ".1f"),
-              r.status if r.status == "ok" else f"{r.status}: {r.note}"[:70]] for r in rows]
+              f"{r.status}: {r.note}"[:70] if r.note else r.status] for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
               for i, h in enumerate(header)]
     render = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
