@@ -316,8 +316,8 @@ def main(argv=None):
     print()
     print(harness.format_table(rows))
     print(f"\nmemory: {env['memory_meaning']}")
-    print(f"x grad: median time / median time of the plain input gradient, same model and batch, same run")
-    print(f"x zennit: median time / Zennit's median time for the same composite, same run")
+    print("x grad: median time / median time of the plain input gradient, same model and batch, same run")
+    print("x zennit: median time / Zennit's median time for the same composite, same run")
     print(f"wrote {path}")
 
 

@@ -1,7 +1,5 @@
 """The engine: model untouched, targets, errors, layer coverage on torchvision models."""
 
-import warnings
-
 import pytest
 import torch
 import torchvision

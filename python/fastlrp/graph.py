@@ -267,17 +267,22 @@ def _module_layer(node, site, module, resolve, options, folds):
         _check_rule(site, kind, rule, (Norm, Gradient))
         return _norm_or_gradient(site, rule, eval_forward(module))
     if isinstance(module, layers.MaxPool):
-        rule = resolve(site, module)
-        if isinstance(rule, Gradient) and options.maxpool == "proportional":
-            rule = Proportional()
-        _check_rule(site, kind, rule, (Proportional, Gradient))
-        return MaxPoolLayer(site, rule, module)
+        return _maxpool_layer(site, kind, module, resolve, options)
     if isinstance(module, layers.Structural):
         return GradientLayer(site, eval_forward(module))
     raise UnsupportedLayerError(
         f"{site} ({kind}, from {type(module).__module__}) has no LRP rule in fastlrp. "
         f"Pass passthrough=[{kind}] or passthrough=['{site}'] to let relevance through it by the plain gradient, "
         "or give it a rule in your composite if it is a subclass of a supported layer.")
+
+
+def _maxpool_layer(site, kind, module, resolve, options):
+    """The composite's rule for a max pooling, else the one chosen by ``maxpool=``."""
+    rule = resolve(site, module)
+    if isinstance(rule, Gradient) and options.maxpool == "proportional":
+        rule = Proportional()
+    _check_rule(site, kind, rule, (Proportional, Gradient))
+    return MaxPoolLayer(site, rule, module)
 
 
 def _norm_or_gradient(site, rule, fn):
@@ -352,11 +357,7 @@ def _functional_layer(node, site, resolve, options, passthrough_names):
     if target in _POOLS:
         template = _pool_module(node)
         if isinstance(template, layers.MaxPool):
-            rule = resolve(site, template)
-            if isinstance(rule, Gradient) and options.maxpool == "proportional":
-                rule = Proportional()
-            _check_rule(site, f"{name}()", rule, (Proportional, Gradient))
-            return MaxPoolLayer(site, rule, template)
+            return _maxpool_layer(site, f"{name}()", template, resolve, options)
         rule = resolve(site, template)
         _check_rule(site, f"{name}()", rule, (Norm, Gradient))
         return _norm_or_gradient(site, rule, _bind_functional(node))

@@ -74,20 +74,6 @@ class GatedProduct(nn.Module):
         return a * b
 
 
-class FunctionalCall(nn.Module):
-    """A functional op (``F.relu``, ``F.adaptive_avg_pool2d``...) with its non-tensor arguments bound."""
-
-    def __init__(self, fn, template, kind):
-        super().__init__()
-        self.fn, self.template, self.kind = fn, template, kind
-
-    def forward(self, *tensors):
-        return self.fn(*tensors)
-
-    def extra_repr(self) -> str:
-        return f"{getattr(self.fn, '__name__', self.fn)!s}"
-
-
 AvgPool = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
            nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, Mean)
 """Average pooling, adaptive average pooling and means over dimensions."""

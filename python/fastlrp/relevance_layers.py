@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import reference
-from .rules import (DeconvNet, Gradient, GuidedBackprop, LinearRule, Norm, Pass, Proportional, Rule)
+from .rules import DeconvNet, Gradient, GuidedBackprop, Pass, Proportional, Rule
 
 
 class _RuleFunction(torch.autograd.Function):

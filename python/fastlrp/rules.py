@@ -7,7 +7,7 @@ layers; Proportional, GuidedBackprop and DeconvNet are named alternatives.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
