@@ -1,0 +1,240 @@
+// CPU (OpenMP) implementations of the fused LRP kernels; see fastlrp/lrp_kernels.h.
+// Float32 and float64; the arithmetic is done in the tensor's own type, in the same order as
+// the reference, so results agree to the last bits where the inputs do.
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <vector>
+
+#include "fastlrp/lrp_kernels.h"
+
+namespace fastlrp {
+namespace cpu {
+namespace {
+
+template <typename T>
+inline T stabilized(T z, T eps) {
+  return z + (z >= T(0) ? eps : -eps);
+}
+
+// The element-wise kernels walk (N, C, S) rows; when the channel dimension is the dense one
+// (channels-last), C and S swap roles so the inner loop is still unit-stride.
+template <typename T>
+Strided<T, 3> row_view(const View& v, bool swap) {
+  auto s = as_strided<T, 3>(v);
+  if (swap) {
+    std::swap(s.size[1], s.size[2]);
+    std::swap(s.stride[1], s.stride[2]);
+  }
+  return s;
+}
+
+inline bool channels_inner(const View& v) { return v.strides[2] != 1 && v.strides[1] == 1; }
+
+template <typename T>
+inline T* row(const Strided<T, 3>& v, int64_t n, int64_t c) {
+  return v.data + n * v.stride[0] + c * v.stride[1];
+}
+
+template <typename T>
+void stabilize_divide_impl(const StabilizeDivideArgs& a) {
+  const bool swap = channels_inner(a.relevance);
+  const auto R = row_view<T>(a.relevance, swap);
+  const size_t G = a.z.size();
+  std::vector<Strided<T, 3>> z, out;
+  bool any_mask = false;
+  for (size_t g = 0; g < G; ++g) {
+    z.push_back(row_view<T>(a.z[g], swap));
+    out.push_back(row_view<T>(a.out[g], swap));
+    any_mask = any_mask || a.mask[g] != int(MaskMode::None);
+  }
+  const auto y = any_mask ? row_view<T>(a.y, swap) : R;
+  const int64_t N = R.size[0], C = R.size[1], S = R.size[2];
+  const T eps = T(a.epsilon);
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      const T* r = row(R, n, c);
+      const T* yr = row(y, n, c);
+      for (size_t g = 0; g < G; ++g) {
+        const T* zr = row(z[g], n, c);
+        T* o = row(out[g], n, c);
+        const T coef = T(a.coefficient[g]);
+        const int mask = a.mask[g];
+        const int64_t rs = R.stride[2], zs = z[g].stride[2], os = out[g].stride[2], ys = y.stride[2];
+        if (rs == 1 && zs == 1 && os == 1 && (mask == 0 || ys == 1)) {
+          if (mask == 0 && coef == T(1)) {
+#pragma omp simd
+            for (int64_t s = 0; s < S; ++s) o[s] = r[s] / stabilized(zr[s], eps);
+          } else {
+#pragma omp simd
+            for (int64_t s = 0; s < S; ++s) {
+              const T m = mask == 0 ? T(1) : (mask == 1 ? T(yr[s] > T(0)) : T(yr[s] < T(0)));
+              o[s] = coef * ((m * r[s]) / stabilized(zr[s], eps));
+            }
+          }
+        } else {
+          for (int64_t s = 0; s < S; ++s) {
+            const T yv = mask == 0 ? T(0) : yr[s * ys];
+            const T m = mask == 0 ? T(1) : (mask == 1 ? T(yv > T(0)) : T(yv < T(0)));
+            o[s * os] = coef * ((m * r[s * rs]) / stabilized(zr[s * zs], eps));
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+inline T modified(int modifier, T x, T bound) {
+  switch (modifier) {
+    case int(InputModifier::Identity): return x;
+    case int(InputModifier::Positive): return x > T(0) ? x : T(0);
+    case int(InputModifier::Negative): return x < T(0) ? x : T(0);
+    case int(InputModifier::One): return T(1);
+    default: return bound;
+  }
+}
+
+template <typename T>
+void combine_impl(const CombineArgs& a) {
+  const bool swap = channels_inner(a.x);
+  const auto x = row_view<T>(a.x, swap);
+  const auto out = row_view<T>(a.out, swap);
+  const size_t K = a.g.size();
+  std::vector<Strided<T, 3>> g, bound;
+  for (size_t k = 0; k < K; ++k) {
+    g.push_back(row_view<T>(a.g[k], swap));
+    bound.push_back(a.modifier[k] == int(InputModifier::Tensor) ? row_view<T>(a.bound[k], swap) : x);
+  }
+  const int64_t N = x.size[0], C = x.size[1], S = x.size[2];
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      const T* xr = row(x, n, c);
+      T* o = row(out, n, c);
+      for (int64_t s = 0; s < S; ++s) {
+        const T xv = xr[s * x.stride[2]];
+        T acc = T(0);
+        for (size_t k = 0; k < K; ++k) {
+          const T b = a.modifier[k] == int(InputModifier::Tensor) ? row(bound[k], n, c)[s * bound[k].stride[2]] : T(0);
+          const T term = modified<T>(a.modifier[k], xv, b) * row(g[k], n, c)[s * g[k].stride[2]];
+          acc = k == 0 ? term : acc + term;
+        }
+        o[s * out.stride[2]] = acc;
+      }
+    }
+  }
+}
+
+template <typename T>
+inline T& at5(const Strided<T, 5>& v, int64_t n, int64_t c, int64_t d, int64_t h, int64_t w) {
+  return v.data[n * v.stride[0] + c * v.stride[1] + d * v.stride[2] + h * v.stride[3] + w * v.stride[4]];
+}
+
+template <typename T>
+void pool_impl(const PoolArgs& a) {
+  const auto x = as_strided<T, 5>(a.x);
+  const auto R = as_strided<T, 5>(a.relevance);
+  const auto y = a.window_sum ? R : as_strided<T, 5>(a.y);
+  const auto s = as_strided<T, 5>(a.workspace);
+  const auto out = as_strided<T, 5>(a.out);
+  const int64_t N = x.size[0], C = x.size[1];
+  const T eps = T(a.epsilon), scale_all = T(a.scale_all);
+  const auto* table = static_cast<const int64_t*>(a.index_table.data);
+  const auto* scales = static_cast<const double*>(a.scale_table.data);
+  const int64_t L = a.index_table.sizes[2];
+  // row r (0 start, 1 end, 2 first, 3 last) of dim d
+  auto tab = [&](int d, int r) { return table + (d * 4 + r) * L; };
+  const int64_t *start[3] = {tab(0, 0), tab(1, 0), tab(2, 0)}, *end[3] = {tab(0, 1), tab(1, 1), tab(2, 1)};
+  const int64_t *first[3] = {tab(0, 2), tab(1, 2), tab(2, 2)}, *last[3] = {tab(0, 3), tab(1, 3), tab(2, 3)};
+  const double* scale[3] = {scales, scales + L, scales + 2 * L};
+  // Pass 1: per window.
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t od = 0; od < R.size[2]; ++od)
+        for (int64_t oh = 0; oh < R.size[3]; ++oh)
+          for (int64_t ow = 0; ow < R.size[4]; ++ow) {
+            T z;
+            if (a.window_sum) {
+              z = T(0);
+              for (int64_t d = start[0][od]; d < end[0][od]; ++d)
+                for (int64_t h = start[1][oh]; h < end[1][oh]; ++h)
+                  for (int64_t w = start[2][ow]; w < end[2][ow]; ++w) z += at5(x, n, c, d, h, w);
+            } else {
+              z = at5(y, n, c, od, oh, ow);
+            }
+            const T factor = T(scale[0][od] * scale[1][oh] * scale[2][ow]) * scale_all;
+            at5(s, n, c, od, oh, ow) = at5(R, n, c, od, oh, ow) / stabilized(z, eps) * factor;
+          }
+    }
+  }
+  // Pass 2: per input, gathering the windows that contain it.
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t d = 0; d < x.size[2]; ++d)
+        for (int64_t h = 0; h < x.size[3]; ++h)
+          for (int64_t w = 0; w < x.size[4]; ++w) {
+            T acc = T(0);
+            for (int64_t od = first[0][d]; od < last[0][d]; ++od)
+              for (int64_t oh = first[1][h]; oh < last[1][h]; ++oh)
+                for (int64_t ow = first[2][w]; ow < last[2][w]; ++ow) acc += at5(s, n, c, od, oh, ow);
+            at5(out, n, c, d, h, w) = at5(x, n, c, d, h, w) * acc;
+          }
+    }
+  }
+}
+
+template <typename T>
+void sum_impl(const SumArgs& a) {
+  const bool swap = channels_inner(a.relevance);
+  const auto R = row_view<T>(a.relevance, swap);
+  const auto y = row_view<T>(a.y, swap);
+  const size_t K = a.x.size();
+  std::vector<Strided<T, 3>> x, out;
+  for (size_t k = 0; k < K; ++k) {
+    x.push_back(row_view<T>(a.x[k], swap));
+    out.push_back(row_view<T>(a.out[k], swap));
+  }
+  const int64_t N = R.size[0], C = R.size[1], S = R.size[2];
+  const T eps = T(a.epsilon);
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      const T* r = row(R, n, c);
+      const T* yr = row(y, n, c);
+      for (int64_t s = 0; s < S; ++s) {
+        const T ratio = r[s * R.stride[2]] / stabilized(yr[s * y.stride[2]], eps);
+        for (size_t k = 0; k < K; ++k)
+          row(out[k], n, c)[s * out[k].stride[2]] = row(x[k], n, c)[s * x[k].stride[2]] * (T(a.alpha[k]) * ratio);
+      }
+    }
+  }
+}
+
+template <template <typename> class Fn, typename Args>
+void dispatch(DType dtype, const Args& a) {
+  switch (dtype) {
+    case DType::Float32: Fn<float>::run(a); return;
+    case DType::Float64: Fn<double>::run(a); return;
+    default:
+      throw TypeErrorException(std::string("the CPU kernels take float32 or float64, got ") + dtype_name(dtype));
+  }
+}
+
+template <typename T> struct StabilizeDivide { static void run(const StabilizeDivideArgs& a) { stabilize_divide_impl<T>(a); } };
+template <typename T> struct Combine { static void run(const CombineArgs& a) { combine_impl<T>(a); } };
+template <typename T> struct Pool { static void run(const PoolArgs& a) { pool_impl<T>(a); } };
+template <typename T> struct Sum { static void run(const SumArgs& a) { sum_impl<T>(a); } };
+
+}  // namespace
+
+void stabilize_divide(const StabilizeDivideArgs& a) { dispatch<StabilizeDivide>(a.relevance.dtype, a); }
+void combine(const CombineArgs& a) { dispatch<Combine>(a.x.dtype, a); }
+void pool(const PoolArgs& a) { dispatch<Pool>(a.x.dtype, a); }
+void sum(const SumArgs& a) { dispatch<Sum>(a.relevance.dtype, a); }
+
+}  // namespace cpu
+}  // namespace fastlrp

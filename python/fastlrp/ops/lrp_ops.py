@@ -1,0 +1,349 @@
+"""The fused LRP kernels as torch custom ops (``torch.ops.fastlrp.*``).
+
+Each op validates its arguments, allocates its outputs with torch (so the caching allocator,
+CUDA graphs and torch.compile keep working), and runs the kernel of fastlrp._C for the
+tensors' device and dtype; where _C has none (a source checkout, float16 on the CPU) it runs
+the same formula in plain PyTorch. Fake implementations give torch.compile the output shapes.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .._native import _C
+from ..reference.stabilize import stabilize
+from ._views import collapse_spatial, stream_of, view
+
+MASK_NONE, MASK_POSITIVE, MASK_NEGATIVE = 0, 1, 2
+IDENTITY, POSITIVE, NEGATIVE, ONE, TENSOR = 0, 1, 2, 3, 4
+
+_CPU_DTYPES = (torch.float32, torch.float64)
+_CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def native_supports(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether fastlrp._C has kernels for tensors of this device and dtype."""
+    if _C is None:
+        return False
+    if device.type == "cpu":
+        return dtype in _CPU_DTYPES
+    if device.type == "cuda":
+        return bool(getattr(_C, "has_cuda_kernels", False)) and dtype in _CUDA_DTYPES
+    return False
+
+
+def _new_output(shape, like: Tensor) -> Tensor:
+    """Every kernel output is allocated here (tests replace it to poison outputs)."""
+    channels_last = like.ndim in (4, 5) and not like.is_contiguous() and like.is_contiguous(
+        memory_format=torch.channels_last if like.ndim == 4 else torch.channels_last_3d)
+    if channels_last:
+        fmt = torch.channels_last if like.ndim == 4 else torch.channels_last_3d
+        return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def _check_float(t: Tensor, name: str, op: str):
+    if not isinstance(t, Tensor):
+        raise TypeError(f"fastlrp.ops.{op}: {name} must be a tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"fastlrp.ops.{op}: {name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _check_like(ref: Tensor, ref_name: str, t: Tensor, name: str, op: str, shape: bool = True):
+    _check_float(t, name, op)
+    if t.device != ref.device:
+        raise ValueError(f"fastlrp.ops.{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"fastlrp.ops.{op}: {name} is {t.dtype} but {ref_name} is {ref.dtype}")
+    if shape and t.shape != ref.shape:
+        raise ValueError(f"fastlrp.ops.{op}: {name} has shape {tuple(t.shape)} but {ref_name} has "
+                         f"shape {tuple(ref.shape)}")
+
+
+# ---------------------------------------------------------------- stabilize-and-divide
+
+@torch.library.custom_op("fastlrp::stabilize_divide", mutates_args=())
+def _stabilize_divide(relevance: Tensor, z: list[Tensor], y: Optional[Tensor], coefficients: list[float],
+                      masks: list[int], epsilon: float) -> Tensor:
+    channels = relevance.shape[1]
+    out = _new_output((relevance.shape[0], channels * len(z)) + tuple(relevance.shape[2:]), relevance)
+    parts = [out.narrow(1, g * channels, channels) for g in range(len(z))]
+    if native_supports(relevance.device, relevance.dtype):
+        _C.stabilize_divide(
+            view(collapse_spatial(relevance, "relevance"), "relevance"),
+            [view(collapse_spatial(t, f"z[{g}]"), f"z[{g}]") for g, t in enumerate(z)],
+            None if y is None else view(collapse_spatial(y, "y"), "y"),
+            list(coefficients), list(masks), [view(collapse_spatial(t, f"out[{g}]"), f"out[{g}]")
+                                              for g, t in enumerate(parts)],
+            float(epsilon), stream_of(relevance))
+        return out
+    for part, zg, c, m in zip(parts, z, coefficients, masks):
+        r = relevance if m == MASK_NONE else (y > 0 if m == MASK_POSITIVE else y < 0).to(y.dtype) * relevance
+        part.copy_(c * (r / stabilize(zg, epsilon)))
+    return out
+
+
+@_stabilize_divide.register_fake
+def _(relevance, z, y, coefficients, masks, epsilon):
+    return relevance.new_empty((relevance.shape[0], relevance.shape[1] * len(z)) + tuple(relevance.shape[2:]))
+
+
+def stabilize_divide(relevance: Tensor, z: Sequence[Tensor], coefficients: Sequence[float] | None = None,
+                     masks: Sequence[int] | None = None, y: Tensor | None = None, epsilon: float = 1e-6) -> Tensor:
+    """s_g = c_g * mask_g(y) * R / stab(z_g) for each group g, concatenated along channels.
+
+    ``relevance`` R and every ``z[g]`` have the layer output's shape (N, C, ...); the result
+    has G*C channels. ``masks[g]``: 0 none, 1 where y > 0, 2 where y < 0 (the Gamma rule).
+    """
+    op = "stabilize_divide"
+    _check_float(relevance, "relevance", op)
+    z = list(z)
+    if not z:
+        raise ValueError(f"fastlrp.ops.{op}: z must hold at least one tensor")
+    for g, t in enumerate(z):
+        _check_like(relevance, "relevance", t, f"z[{g}]", op)
+    coefficients = [1.0] * len(z) if coefficients is None else [float(c) for c in coefficients]
+    masks = [MASK_NONE] * len(z) if masks is None else [int(m) for m in masks]
+    if len(coefficients) != len(z) or len(masks) != len(z):
+        raise ValueError(f"fastlrp.ops.{op}: coefficients and masks need one entry per z ({len(z)})")
+    if any(m not in (MASK_NONE, MASK_POSITIVE, MASK_NEGATIVE) for m in masks):
+        raise ValueError(f"fastlrp.ops.{op}: masks must be 0 (none), 1 (y > 0) or 2 (y < 0), got {masks}")
+    if any(m != MASK_NONE for m in masks):
+        if y is None:
+            raise ValueError(f"fastlrp.ops.{op}: a mask needs y, the layer's output")
+        _check_like(relevance, "relevance", y, "y", op)
+    if relevance.ndim < 2:
+        raise ValueError(f"fastlrp.ops.{op}: relevance must be (N, C, ...), got shape {tuple(relevance.shape)}")
+    return _stabilize_divide(relevance, z, y, coefficients, masks, float(epsilon))
+
+
+# ---------------------------------------------------------------- combine
+
+@torch.library.custom_op("fastlrp::combine", mutates_args=())
+def _combine(x: Tensor, g: Tensor, modifiers: list[int], bounds: list[Tensor]) -> Tensor:
+    channels = x.shape[1]
+    chunks = [g.narrow(1, k * channels, channels) for k in range(len(modifiers))]
+    out = _new_output(x.shape, x)
+    if native_supports(x.device, x.dtype):
+        bound_iter = iter(bounds)
+        bound_views = [view(collapse_spatial(next(bound_iter), f"bound[{k}]"), f"bound[{k}]") if m == TENSOR else None
+                       for k, m in enumerate(modifiers)]
+        _C.combine(view(collapse_spatial(x, "x"), "x"),
+                   [view(collapse_spatial(c, f"g[{k}]"), f"g[{k}]") for k, c in enumerate(chunks)],
+                   list(modifiers), bound_views, view(collapse_spatial(out, "out"), "out"), stream_of(x))
+        return out
+    bound_iter = iter(bounds)
+    total = None
+    for m, chunk in zip(modifiers, chunks):
+        factor = {IDENTITY: lambda: x, POSITIVE: lambda: x.clamp(min=0), NEGATIVE: lambda: x.clamp(max=0),
+                  ONE: lambda: torch.ones_like(x), TENSOR: lambda: next(bound_iter)}[m]()
+        term = factor * chunk
+        total = term if total is None else total + term
+    out.copy_(total)
+    return out
+
+
+@_combine.register_fake
+def _(x, g, modifiers, bounds):
+    return torch.empty_like(x)
+
+
+def combine(x: Tensor, g: Tensor, modifiers: Sequence[int], bounds: Sequence[Tensor] = ()) -> Tensor:
+    """R_in = sum_k m_k(x) * g_k, where g holds the K parts g_k along channels (N, K*C, ...).
+
+    ``modifiers[k]``: 0 x, 1 x+, 2 x-, 3 one, 4 the next tensor of ``bounds`` (broadcast to x).
+    """
+    op = "combine"
+    _check_float(x, "x", op)
+    modifiers = [int(m) for m in modifiers]
+    if not modifiers or any(m not in (IDENTITY, POSITIVE, NEGATIVE, ONE, TENSOR) for m in modifiers):
+        raise ValueError(f"fastlrp.ops.{op}: modifiers must be a non-empty list of 0..4, got {modifiers}")
+    _check_like(x, "x", g, "g", op, shape=False)
+    expected = (x.shape[0], x.shape[1] * len(modifiers)) + tuple(x.shape[2:])
+    if tuple(g.shape) != expected:
+        raise ValueError(f"fastlrp.ops.{op}: g must have shape {expected} ({len(modifiers)} parts of x's "
+                         f"shape along channels), got {tuple(g.shape)}")
+    bounds = list(bounds)
+    if len(bounds) != modifiers.count(TENSOR):
+        raise ValueError(f"fastlrp.ops.{op}: {modifiers.count(TENSOR)} bound tensors needed, got {len(bounds)}")
+    expanded = []
+    for k, b in enumerate(bounds):
+        _check_like(x, "x", b, f"bounds[{k}]", op, shape=False)
+        try:
+            expanded.append(b.expand(x.shape))
+        except RuntimeError:
+            raise ValueError(f"fastlrp.ops.{op}: bounds[{k}] of shape {tuple(b.shape)} does not broadcast to "
+                             f"x's shape {tuple(x.shape)}") from None
+    return _combine(x, g, modifiers, expanded)
+
+
+# ---------------------------------------------------------------- pooling
+
+@lru_cache(maxsize=256)
+def _window_tables(in_sizes: tuple, out_sizes: tuple, kernel: tuple, stride: tuple, padding: tuple,
+                   adaptive: bool, count_include_pad: bool, device: str):
+    """Per spatial dim: the input range of each window, the window range of each input and
+    the divisor factor of each window, as the tensors the kernel reads."""
+    longest = max(max(in_sizes), max(out_sizes))
+    index = torch.zeros(3, 4, longest, dtype=torch.int64)
+    scale = torch.ones(3, longest, dtype=torch.float64)
+    for d in range(3):
+        n_in, n_out = in_sizes[d], out_sizes[d]
+        for o in range(n_out):
+            if adaptive:
+                lo, hi = (o * n_in) // n_out, -((-(o + 1) * n_in) // n_out)
+                padded = hi - lo
+            else:
+                lo = o * stride[d] - padding[d]
+                hi = lo + kernel[d]
+                padded = min(hi, n_in + padding[d]) - lo
+                lo, hi = max(lo, 0), min(hi, n_in)
+            index[d, 0, o], index[d, 1, o] = lo, hi
+            scale[d, o] = 1.0 / (padded if count_include_pad else max(hi - lo, 1))
+        for i in range(n_in):
+            covering = [o for o in range(n_out) if index[d, 0, o] <= i < index[d, 1, o]]
+            index[d, 2, i], index[d, 3, i] = (covering[0], covering[-1] + 1) if covering else (0, 0)
+    return index.to(device), scale.to(device)
+
+
+@torch.library.custom_op("fastlrp::pool_relevance", mutates_args=())
+def _pool_relevance(x: Tensor, relevance: Tensor, y: Optional[Tensor], window_sum: bool, index_table: Tensor,
+                    scale_table: Tensor, scale_all: float, epsilon: float) -> Tensor:
+    out = _new_output(x.shape, x)
+    workspace = _new_output(relevance.shape, relevance)
+    x5, r5, o5, w5 = (_as_5d(t) for t in (x, relevance, out, workspace))
+    if not native_supports(x.device, x.dtype):
+        raise RuntimeError("pool_relevance without fastlrp._C kernels is handled by fastlrp.ops.pool_relevance")
+    _C.pool(view(x5, "x"), view(r5, "relevance"), None if y is None else view(_as_5d(y), "y"), window_sum,
+            view(index_table, "index_table"), view(scale_table, "scale_table"), float(scale_all), view(w5, "workspace"),
+            view(o5, "out"), float(epsilon), stream_of(x))
+    return out
+
+
+@_pool_relevance.register_fake
+def _(x, relevance, y, window_sum, index_table, scale_table, scale_all, epsilon):
+    return torch.empty_like(x)
+
+
+def _as_5d(t: Tensor) -> Tensor:
+    while t.ndim < 5:
+        t = t.unsqueeze(2)
+    return t
+
+
+def _triple(v, dims: int, name: str, fill: int = 1) -> tuple:
+    v = tuple(v) if isinstance(v, (tuple, list)) else (v,) * dims
+    if len(v) != dims or not all(isinstance(i, int) and i >= 0 for i in v):
+        raise ValueError(f"fastlrp.ops.pool_relevance: {name} must be an int or {dims} non-negative ints, got {v}")
+    return (fill,) * (3 - dims) + v  # leading unit dims: kernel and stride 1, padding 0
+
+
+def pool_relevance(x: Tensor, relevance: Tensor, kind: str, kernel_size=None, stride=None, padding=0,
+                   ceil_mode: bool = False, count_include_pad: bool = True, divisor_override: int | None = None,
+                   y: Tensor | None = None, epsilon: float = 1e-6) -> Tensor:
+    """LRP of a pooling layer (1d/2d/3d) in two passes, one per window and one per input.
+
+    ``kind``: "avg" (Norm rule; ``y`` is the pooled output), "adaptive_avg" (output size from
+    ``relevance``) or "max_proportional" (relevance in proportion to the inputs of each window).
+    """
+    op = "pool_relevance"
+    _check_float(x, "x", op)
+    _check_like(x, "x", relevance, "relevance", op, shape=False)
+    if kind not in ("avg", "adaptive_avg", "max_proportional"):
+        raise ValueError(f"fastlrp.ops.{op}: kind must be 'avg', 'adaptive_avg' or 'max_proportional', got {kind!r}")
+    dims = x.ndim - 2
+    if dims not in (1, 2, 3) or relevance.ndim != x.ndim or relevance.shape[:2] != x.shape[:2]:
+        raise ValueError(f"fastlrp.ops.{op}: x (N, C, *1-3 spatial) and relevance (same N, C) expected, got "
+                         f"{tuple(x.shape)} and {tuple(relevance.shape)}")
+    if kind != "max_proportional":
+        if y is None:
+            raise ValueError(f"fastlrp.ops.{op}: average pooling needs y, the pooled output")
+        _check_like(relevance, "relevance", y, "y", op)
+    adaptive = kind == "adaptive_avg"
+    if adaptive:
+        kernel, stride_, pad = (1,) * 3, (1,) * 3, (0,) * 3
+    else:
+        if kernel_size is None:
+            raise ValueError(f"fastlrp.ops.{op}: kernel_size is required for kind={kind!r}")
+        kernel = _triple(kernel_size, dims, "kernel_size")
+        stride_ = _triple(kernel_size if stride is None or stride == [] else stride, dims, "stride")
+        pad = _triple(padding, dims, "padding", fill=0)
+    in_sizes = (1,) * (3 - dims) + tuple(x.shape[2:])
+    out_sizes = (1,) * (3 - dims) + tuple(relevance.shape[2:])
+    if not native_supports(x.device, x.dtype):
+        return _pool_reference(x, relevance, kind, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                               divisor_override, epsilon)
+    index, scale = _window_tables(in_sizes, out_sizes, kernel, stride_, pad, adaptive,
+                                  count_include_pad or kind == "max_proportional", str(x.device))
+    if kind == "max_proportional":
+        scale = torch.ones_like(scale)
+        scale_all = 1.0
+    else:
+        scale_all = 1.0
+        if divisor_override:
+            scale, scale_all = torch.ones_like(scale), 1.0 / divisor_override
+    return _pool_relevance(x, relevance, y, kind == "max_proportional", index, scale, scale_all, float(epsilon))
+
+
+def _pool_reference(x, relevance, kind, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                    divisor_override, epsilon):
+    from ..reference import maxpool_proportional, norm
+    import torch.nn.functional as F
+    dims = x.ndim - 2
+    if kind == "max_proportional":
+        return maxpool_proportional(x, relevance, kernel_size, kernel_size if stride is None else stride, padding,
+                                    ceil_mode, epsilon)
+    if kind == "adaptive_avg":
+        pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[dims]
+        return norm(lambda t: pool(t, tuple(relevance.shape[2:])), [x], relevance, epsilon)[0]
+    pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[dims]
+    extra = {} if dims == 1 else {"divisor_override": divisor_override}
+    return norm(lambda t: pool(t, kernel_size, stride, padding, ceil_mode, count_include_pad, **extra), [x],
+                relevance, epsilon)[0]
+
+
+# ---------------------------------------------------------------- n-ary sum
+
+@torch.library.custom_op("fastlrp::sum_relevance", mutates_args=())
+def _sum_relevance(inputs: list[Tensor], alpha: list[float], y: Tensor, relevance: Tensor,
+                   epsilon: float) -> list[Tensor]:
+    outs = [_new_output(relevance.shape, relevance) for _ in inputs]
+    if native_supports(relevance.device, relevance.dtype):
+        _C.sum([view(collapse_spatial(t, f"inputs[{k}]"), f"inputs[{k}]") for k, t in enumerate(inputs)],
+               list(alpha), view(collapse_spatial(y, "y"), "y"), view(collapse_spatial(relevance, "relevance"),
+                                                                      "relevance"),
+               [view(collapse_spatial(t, f"out[{k}]"), f"out[{k}]") for k, t in enumerate(outs)],
+               float(epsilon), stream_of(relevance))
+        return outs
+    ratio = relevance / stabilize(y, epsilon)
+    for out, t, a in zip(outs, inputs, alpha):
+        out.copy_(t * (a * ratio))
+    return outs
+
+
+@_sum_relevance.register_fake
+def _(inputs, alpha, y, relevance, epsilon):
+    return [torch.empty_like(relevance) for _ in inputs]
+
+
+def sum_relevance(inputs: Sequence[Tensor], relevance: Tensor, y: Tensor, alpha: Sequence[float] | None = None,
+                  epsilon: float = 1e-6) -> list:
+    """Norm rule of y = sum_i a_i x_i (residual sums): R_i = a_i x_i R / stab(y), in one pass."""
+    op = "sum_relevance"
+    _check_float(relevance, "relevance", op)
+    inputs = list(inputs)
+    if len(inputs) < 1:
+        raise ValueError(f"fastlrp.ops.{op}: inputs must hold at least one tensor")
+    for k, t in enumerate(inputs):
+        _check_like(relevance, "relevance", t, f"inputs[{k}]", op)
+    _check_like(relevance, "relevance", y, "y", op)
+    alpha = [1.0] * len(inputs) if alpha is None else [float(a) for a in alpha]
+    if len(alpha) != len(inputs):
+        raise ValueError(f"fastlrp.ops.{op}: alpha needs one entry per input ({len(inputs)})")
+    if relevance.ndim < 2:
+        raise ValueError(f"fastlrp.ops.{op}: relevance must be (N, C, ...), got shape {tuple(relevance.shape)}")
+    return _sum_relevance(inputs, alpha, y, relevance, float(epsilon))
