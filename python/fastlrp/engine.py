@@ -13,22 +13,35 @@ from torch import nn
 
 from . import composites as _composites
 from . import graph as _graph
+from . import ops
 from .relevance_layers import RelevanceLayer
 
-BACKENDS = ("reference",)
+BACKENDS = ("native", "reference")
 
 
 def available_backends(device: torch.device | str | None = None) -> list:
-    """Backends that can run here, fastest first. Only the pure-PyTorch reference exists so far."""
-    return ["reference"]
+    """Backends that can run on ``device`` (default: the CPU), fastest first.
+
+    ``native``: fastlrp._C's fused kernels and the block-form rules (needs the compiled
+    extension with kernels for the device). ``reference``: the pure-PyTorch oracle, always there."""
+    device = torch.device("cpu" if device is None else device)
+    return (["native"] if ops.native_supports(device, torch.float32) else []) + ["reference"]
 
 
 def _choose_backend(requested: str | None) -> str:
+    source = "backend=" if requested else "FASTLRP_BACKEND"
     name = requested or os.environ.get("FASTLRP_BACKEND") or available_backends()[0]
     if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r} (from {'backend=' if requested else 'FASTLRP_BACKEND'}); "
-                         f"available: {available_backends()}")
+        raise ValueError(f"unknown backend {name!r} (from {source}); known: {list(BACKENDS)}")
+    if name == "native" and _native_build() is None:
+        raise ValueError(f"backend 'native' (from {source}) needs the compiled extension fastlrp._C, which is not "
+                         "built here (install the package with 'pip install .'); use backend='reference'")
     return name
+
+
+def _native_build():
+    from ._native import _C
+    return _C
 
 
 @dataclass
@@ -64,7 +77,10 @@ class LRP:
         what Zennit's module hooks compute; residual sums keep the Norm rule either way.
     passthrough: layer types, module names or op names without a rule that relevance may cross
         by the plain gradient (otherwise they raise ``UnsupportedLayerError``).
-    backend: ``"reference"``; default from ``FASTLRP_BACKEND`` or the fastest available.
+    backend: ``"native"`` (fused kernels of fastlrp._C, block-form rules) or ``"reference"`` (pure
+        PyTorch); default from ``FASTLRP_BACKEND``, else the fastest available. The chosen one is
+        ``explainer.backend``. Under ``native``, a layer whose device, dtype or form has no kernel
+        (float16 on the CPU, grouped or transposed convolutions) runs the reference rule.
     rule_options: options of the preset composite, e.g. ``epsilon=``, ``gamma=``, ``low=``, ``high=``,
         ``zero_params="bias"``, ``layer_map=[(nn.Linear, Epsilon(0.25))]``.
     """
@@ -85,6 +101,8 @@ class LRP:
         options = _graph.Options(maxpool, fold_batchnorm, functional_rules, tuple(passthrough))
         self.graph_module = _graph.build(model, self.composite, options)
         self._sites = {m.site: m for m in self.graph_module.modules() if isinstance(m, RelevanceLayer)}
+        for layer in self._sites.values():
+            layer.backend = self.backend
 
     @property
     def layer_names(self) -> list:

@@ -220,6 +220,7 @@ def build(model: nn.Module, composite: Composite, options: Options) -> fx.GraphM
                 raise TypeError(f"{type(model).__name__}.forward returns {type(node.args[0]).__name__}; "
                                 "fastlrp explains models whose output is one tensor")
 
+    _mark_nonnegative_inputs(gm)
     gm.delete_all_unused_submodules()
     graph.lint()
     gm.recompile()
@@ -261,15 +262,17 @@ def _module_layer(node, site, module, resolve, options, folds):
         rule = resolve(site, module)
         _check_rule(site, kind, rule, (Pass, Gradient) + ((GuidedBackprop, DeconvNet)
                                                           if isinstance(module, nn.ReLU) else ()))
-        return ElementwiseLayer(site, rule, eval_forward(module))
+        return ElementwiseLayer(site, rule, eval_forward(module), isinstance(module, layers.NonNegative))
     if isinstance(module, layers.AvgPool):
         rule = resolve(site, module)
         _check_rule(site, kind, rule, (Norm, Gradient))
-        return _norm_or_gradient(site, rule, eval_forward(module))
+        return _norm_or_gradient(site, rule, eval_forward(module), _pooling_spec(module))
     if isinstance(module, layers.MaxPool):
         return _maxpool_layer(site, kind, module, resolve, options)
     if isinstance(module, layers.Structural):
-        return GradientLayer(site, eval_forward(module))
+        keeps_sign = not isinstance(module, nn.Upsample) or module.mode in ("nearest", "nearest-exact", "linear",
+                                                                            "bilinear", "trilinear")
+        return GradientLayer(site, eval_forward(module), preserves_sign=keeps_sign)
     raise UnsupportedLayerError(
         f"{site} ({kind}, from {type(module).__module__}) has no LRP rule in fastlrp. "
         f"Pass passthrough=[{kind}] or passthrough=['{site}'] to let relevance through it by the plain gradient, "
@@ -285,8 +288,17 @@ def _maxpool_layer(site, kind, module, resolve, options):
     return MaxPoolLayer(site, rule, module)
 
 
-def _norm_or_gradient(site, rule, fn):
-    return NormLayer(site, rule, fn) if isinstance(rule, Norm) else GradientLayer(site, fn)
+def _norm_or_gradient(site, rule, fn, pooling=None):
+    return NormLayer(site, rule, fn, pooling) if isinstance(rule, Norm) else GradientLayer(site, fn, preserves_sign=True)
+
+
+def _pooling_spec(module: nn.Module):
+    """How the native kernels see an average pooling module (None: the reference handles it)."""
+    if isinstance(module, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
+        return ("avg", module)
+    if isinstance(module, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
+        return ("adaptive_avg", None)
+    return None
 
 
 _GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
@@ -339,7 +351,10 @@ def _functional_layer(node, site, resolve, options, passthrough_names):
         rule = resolve(site, template)
         _check_rule(site, "residual sum", rule, (Norm, Gradient))
         fn = _bind_functional(node)
-        return NormLayer(site, rule, fn) if isinstance(rule, Norm) else GradientLayer(site, fn)
+        alphas = [1.0] * (len(tensor_args) - 1) + [float(alpha)]
+        if isinstance(rule, Norm):
+            return NormLayer(site, rule, fn, ("sum", alphas) if alpha >= 0 else None)
+        return GradientLayer(site, fn, preserves_sign=alpha >= 0)
     if target in _MUL:
         if len(tensor_args) < 2:
             return None  # scaling by a constant keeps its gradient
@@ -347,20 +362,23 @@ def _functional_layer(node, site, resolve, options, passthrough_names):
         return GatedProductLayer(site, Pass(), gates[0] if len(gates) == 1 else None)
     if not options.functional_rules and (target in _ACTIVATIONS or target in _POOLS
                                          or target in _MEAN or target in _SUM):
-        return GradientLayer(site, _bind_functional(node))  # as Zennit's hooks, which see only modules
+        nonnegative = target in _ACTIVATIONS and issubclass(_ACTIVATIONS[target], layers.NonNegative)
+        # as Zennit's hooks, which see only modules
+        return GradientLayer(site, _bind_functional(node), preserves_sign=target not in _ACTIVATIONS,
+                             nonnegative_output=nonnegative)
     if target in _ACTIVATIONS:
         template = _ACTIVATIONS[target]()
         rule = resolve(site, template)
         _check_rule(site, f"{name}()", rule, (Pass, Gradient) + ((GuidedBackprop, DeconvNet)
                                                                   if isinstance(template, nn.ReLU) else ()))
-        return ElementwiseLayer(site, rule, _bind_functional(node))
+        return ElementwiseLayer(site, rule, _bind_functional(node), isinstance(template, layers.NonNegative))
     if target in _POOLS:
         template = _pool_module(node)
         if isinstance(template, layers.MaxPool):
             return _maxpool_layer(site, f"{name}()", template, resolve, options)
         rule = resolve(site, template)
         _check_rule(site, f"{name}()", rule, (Norm, Gradient))
-        return _norm_or_gradient(site, rule, _bind_functional(node))
+        return _norm_or_gradient(site, rule, _bind_functional(node), _pooling_spec(template))
     if target in _MEAN or target in _SUM:
         template = layers.Mean(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
         rule = resolve(site, template)
@@ -371,3 +389,28 @@ def _functional_layer(node, site, resolve, options, passthrough_names):
     raise UnsupportedLayerError(
         f"{site}: the operation {name}() has no LRP rule in fastlrp. "
         f"Pass passthrough=['{name}'] to let relevance through it by the plain gradient.")
+
+
+# Plain graph nodes (not replaced by a layer) that keep a non-negative input non-negative.
+# (Padding may fill with a negative value and bicubic resampling overshoots: left out.)
+_SIGN_KEEPING = _STRUCTURAL - {getattr, "size", "dim", operator.floordiv, torch._assert, F.pad, F.interpolate}
+
+
+def _mark_nonnegative_inputs(gm: fx.GraphModule) -> None:
+    """Tell each linear layer whether its input is never negative, from the graph alone
+    (after a ReLU, through pooling, sums and reshapes); there its rule's x- parts are zero."""
+    nonnegative = {}
+    for node in gm.graph.nodes:
+        inputs = _node_args(node)
+        if node.op == "call_module":
+            layer = gm.get_submodule(node.target)
+            nonnegative[node] = bool(getattr(layer, "nonnegative_output", False)) or (
+                bool(getattr(layer, "preserves_sign", False)) and bool(inputs)
+                and all(nonnegative.get(a, False) for a in inputs))
+            if isinstance(layer, AffineLayer):
+                layer.nonnegative_input = bool(inputs) and nonnegative.get(inputs[0], False)
+        elif node.op in ("call_function", "call_method"):
+            nonnegative[node] = (node.target in _SIGN_KEEPING and bool(inputs)
+                                 and all(nonnegative.get(a, False) for a in inputs))
+        else:
+            nonnegative[node] = False

@@ -28,6 +28,9 @@ Activation = (
 )
 """Elementwise activations: relevance passes through them unchanged under the base map."""
 
+NonNegative = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
+"""Activations whose output is never negative: the linear layer after one can drop its x- parts."""
+
 Structural = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
               nn.Flatten, nn.Unflatten, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
 """Layers whose gradient already is the right relevance flow (copies, reshapes, eval-mode

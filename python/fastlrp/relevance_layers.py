@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import reference
+from . import fastpath, ops, reference
 from .rules import DeconvNet, Gradient, GuidedBackprop, Pass, Proportional, Rule
 
 
@@ -34,10 +34,37 @@ class _RuleFunction(torch.autograd.Function):
         return (None, *ctx.layer.relevance(ctx.saved_tensors, ctx.shapes, relevance))
 
 
+class _BlockFunction(torch.autograd.Function):
+    """The native backend's linear layer: forward computes the output and every z part and
+    keeps them; backward runs the block-form rule (``fastpath.BlockRule``) on the kernels."""
+
+    @staticmethod
+    def forward(ctx, layer, x):
+        weight, bias = layer.params()
+        block = layer.block()
+        output = layer.op(x, weight, bias)
+        z = block.z(x, output)
+        ctx.block = block
+        ctx.save_for_backward(x, z, output if block.uses_mask else None)
+        return output
+
+    @staticmethod
+    def backward(ctx, relevance):
+        x, z, output = ctx.saved_tensors
+        return None, ctx.block.relevance(x, z, output, relevance)
+
+
 class RelevanceLayer(nn.Module):
-    """Base: ``site`` names the layer in the user's model; ``rule`` is what runs backward."""
+    """Base: ``site`` names the layer in the user's model; ``rule`` is what runs backward.
+
+    ``backend`` is set by the engine. For the graph's sign analysis, ``nonnegative_output``
+    says the output is never negative (ReLU) and ``preserves_sign`` that it is non-negative
+    whenever every input is (pooling, sums, reshapes)."""
 
     saves_inputs = True
+    backend = "reference"
+    nonnegative_output = False
+    preserves_sign = False
 
     def __init__(self, site: str, rule: Rule):
         super().__init__()
@@ -67,6 +94,24 @@ class AffineLayer(RelevanceLayer):
         self._batchnorm = (batchnorm,)
         self._cache_key = None
         self._cache = None
+        self._block = None
+        self.nonnegative_input = False  # set from the graph: the input comes from a ReLU (or alike)
+
+    def forward(self, x):
+        if self.backend == "native" and self._native_ok(x):
+            return _BlockFunction.apply(self, x)
+        return super().forward(x)
+
+    def _native_ok(self, x) -> bool:
+        return (fastpath.supports(self.op, self.rule) and ops.native_supports(x.device, x.dtype)
+                and (self.op.kind != "linear" or x.ndim == 2))
+
+    def block(self) -> "fastpath.BlockRule":
+        """The rule in block form for the current parameters (rebuilt when one changed)."""
+        weight, bias = self.params()
+        if self._block is None or self._block[0] is not self._cache:
+            self._block = (self._cache, fastpath.BlockRule(self.op, self.rule, weight, bias, self.nonnegative_input))
+        return self._block[1]
 
     def params(self):
         """(weight, bias) with the batch norm folded in; recomputed only when a source tensor changed."""
@@ -111,10 +156,11 @@ def fold_batchnorm(op: reference.AffineOp, weight, bias, bn: nn.Module):
 class ElementwiseLayer(RelevanceLayer):
     """Activations and unfolded batch norm: Pass, GuidedBackprop, DeconvNet or the gradient."""
 
-    def __init__(self, site: str, rule: Rule, fn: Callable):
+    def __init__(self, site: str, rule: Rule, fn: Callable, nonnegative_output: bool = False):
         super().__init__(site, rule)
         self.fn = fn
         self.saves_inputs = isinstance(rule, GuidedBackprop)
+        self.nonnegative_output = nonnegative_output
 
     def compute(self, x):
         return self.fn(x)
@@ -129,21 +175,48 @@ class ElementwiseLayer(RelevanceLayer):
 
 
 class NormLayer(RelevanceLayer):
-    """Residual sums, average pooling, means: the Norm rule over all tensor inputs."""
+    """Residual sums, average pooling, means: the Norm rule over all tensor inputs.
 
-    def __init__(self, site: str, rule: Rule, fn: Callable):
+    ``pooling`` (set by the graph) describes the op for the native kernels: ("sum", alphas),
+    ("avg", nn.AvgPoolNd) or ("adaptive_avg", None); without it the reference runs."""
+
+    preserves_sign = True
+
+    def __init__(self, site: str, rule: Rule, fn: Callable, pooling: tuple | None = None):
         super().__init__(site, rule)
         self.fn = fn
+        self.pooling = pooling
 
     def compute(self, *inputs):
         return self.fn(*inputs)
 
     def relevance(self, saved, shapes, relevance):
+        if self.backend == "native" and self._native_ok(saved, relevance):
+            kind, spec = self.pooling
+            with torch.no_grad():
+                y = self.fn(*saved)
+            if kind == "sum":
+                return tuple(ops.sum_relevance(saved, relevance, y, spec, self.rule.stabilizer))
+            if kind == "adaptive_avg":
+                return (ops.pool_relevance(saved[0], relevance, "adaptive_avg", y=y, epsilon=self.rule.stabilizer),)
+            return (ops.pool_relevance(saved[0], relevance, "avg", spec.kernel_size, spec.stride, spec.padding,
+                                       spec.ceil_mode, spec.count_include_pad,
+                                       getattr(spec, "divisor_override", None), y=y,
+                                       epsilon=self.rule.stabilizer),)
         return tuple(reference.norm(self.fn, saved, relevance, self.rule.stabilizer))
+
+    def _native_ok(self, saved, relevance) -> bool:
+        if self.pooling is None or not ops.native_supports(relevance.device, relevance.dtype):
+            return False
+        if self.pooling[0] == "sum":  # the kernel needs summands of one shape, (N, C, ...)
+            return relevance.ndim >= 2 and all(t.shape == relevance.shape for t in saved)
+        return saved[0].ndim in (3, 4, 5)
 
 
 class MaxPoolLayer(RelevanceLayer):
     """Max pooling: gradient (winner-take-all) or Proportional."""
+
+    preserves_sign = True
 
     def __init__(self, site: str, rule: Rule, module: nn.Module):
         super().__init__(site, rule)
@@ -159,6 +232,9 @@ class MaxPoolLayer(RelevanceLayer):
     def relevance(self, saved, shapes, relevance):
         m = self._module[0]
         stride = m.stride if m.stride is not None else m.kernel_size
+        if self.backend == "native" and ops.native_supports(relevance.device, relevance.dtype):
+            return (ops.pool_relevance(saved[0], relevance, "max_proportional", m.kernel_size, stride, m.padding,
+                                       m.ceil_mode, epsilon=self.rule.stabilizer),)
         return (reference.maxpool_proportional(saved[0], relevance, m.kernel_size, stride, m.padding,
                                                m.ceil_mode, self.rule.stabilizer),)
 
@@ -171,6 +247,7 @@ class GatedProductLayer(RelevanceLayer):
     """``gate * value`` with the gate (the operand broadcast over the other) held constant."""
 
     saves_inputs = False
+    preserves_sign = True
 
     def __init__(self, site: str, rule: Rule, gate_index: int | None = None):
         super().__init__(site, rule)
@@ -198,9 +275,10 @@ class GatedProductLayer(RelevanceLayer):
 class GradientLayer(RelevanceLayer):
     """A layer that keeps its plain gradient (structural layers, user pass-through)."""
 
-    def __init__(self, site: str, fn: Callable):
+    def __init__(self, site: str, fn: Callable, preserves_sign: bool = False, nonnegative_output: bool = False):
         super().__init__(site, Gradient())
         self.fn = fn
+        self.preserves_sign, self.nonnegative_output = preserves_sign, nonnegative_output
 
     def compute(self, *inputs):
         return self.fn(*inputs)
