@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import (Attribution, gaussian_blur, generator, integer, number, progress_bar, score,
-                      target_weights)
+from ._common import (Attribution, gaussian_blur, generator, integer, number, progress_bar,
+                      sample_shape_tensor, score, target_weights)
 from .base import AttributionMethod
 
 
@@ -60,22 +60,20 @@ class _FeatureGroups:
         return dense
 
 
-def _baseline_of(baseline, x: torch.Tensor, blur_sigma: float) -> torch.Tensor:
+def _check_baseline(baseline):
     if isinstance(baseline, str):
         if baseline != "blur":
             raise ValueError(f"baseline must be a number, a tensor or 'blur', got {baseline!r}")
+    elif isinstance(baseline, bool) or not isinstance(baseline, (int, float, torch.Tensor)):
+        raise TypeError(f"baseline must be a number, a tensor or 'blur', got {type(baseline).__name__}")
+
+
+def _baseline_of(baseline, x: torch.Tensor, blur_sigma: float) -> torch.Tensor:
+    if isinstance(baseline, str):
         if x.ndim < 3:
             raise ValueError("baseline='blur' needs spatial inputs [N, C, *spatial]")
         return gaussian_blur(x, blur_sigma)
-    if isinstance(baseline, bool) or not isinstance(baseline, (int, float, torch.Tensor)):
-        raise TypeError(f"baseline must be a number, a tensor or 'blur', got {type(baseline).__name__}")
-    if isinstance(baseline, torch.Tensor):
-        try:
-            return baseline.to(device=x.device, dtype=x.dtype).expand_as(x)
-        except RuntimeError:
-            raise ValueError(f"baseline of shape {tuple(baseline.shape)} does not broadcast to the input "
-                             f"{tuple(x.shape)}") from None
-    return torch.full_like(x, float(baseline))
+    return sample_shape_tensor("baseline", baseline, x)
 
 
 @dataclass
@@ -93,7 +91,7 @@ class _Surrogate(AttributionMethod):
         super().__init__(model)
         self._groups = _FeatureGroups(segments, n_segments, compactness)
         self.segments, self.n_segments, self.compactness = segments, n_segments, compactness
-        _baseline_of(baseline, torch.zeros(1, 1, 4, 4), 1.0)  # validate now, not at the first call
+        _check_baseline(baseline)
         self.baseline = baseline
         self.blur_sigma = number("blur_sigma", blur_sigma, strict=True)
         self.batch_size = integer("batch_size", batch_size)
