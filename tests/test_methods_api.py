@@ -125,3 +125,18 @@ def test_integrated_gradients_on_the_demo_model():
     ig = IntegratedGradients(model, steps=16).explain(images, None)
     assert ig.attribution.shape == images.shape
     assert (ig.completeness_gap.abs() < 0.1 * ig.score.abs().clamp(min=1)).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", sorted(FAST_OPTIONS))
+def test_every_method_runs_on_cuda_and_matches_the_cpu_where_deterministic(method):
+    if method in ("lime", "kernel_shap"):
+        pytest.importorskip("skimage")
+    model = GapCNN().double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    target = torch.tensor([0, 2])
+    on_gpu = fastlrp.attribute(model.cuda(), x.cuda(), target.cuda(), method=method, **FAST_OPTIONS[method])
+    assert on_gpu.device.type == "cuda" and torch.isfinite(on_gpu).all()
+    if method not in ("smoothgrad", "meaningful_perturbation", "lime", "kernel_shap"):  # random draws
+        on_cpu = fastlrp.attribute(model.cpu(), x, target, method=method, **FAST_OPTIONS[method])
+        torch.testing.assert_close(on_gpu.cpu(), on_cpu)
