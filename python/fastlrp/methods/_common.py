@@ -116,19 +116,6 @@ def score(output: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (output * weights).flatten(1).sum(1)
 
 
-def forward_scores(model, inputs: torch.Tensor, weights: torch.Tensor, batch_size: int,
-                   progress=None) -> torch.Tensor:
-    """Scores of many inputs ([K, ...]) against one sample's weights ([1, ...]), in chunks."""
-    scores = []
-    with torch.no_grad():
-        for start in range(0, inputs.shape[0], batch_size):
-            chunk = inputs[start:start + batch_size]
-            scores.append(score(model(chunk), weights.expand(chunk.shape[0], *weights.shape[1:])))
-            if progress is not None:
-                progress.update(1)
-    return torch.cat(scores)
-
-
 def input_gradient(model, x: torch.Tensor, weights: torch.Tensor) -> tuple:
     """(d score / d x, model output) for a batch."""
     with torch.enable_grad():

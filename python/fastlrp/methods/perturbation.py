@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import (Attribution, choice, gaussian_blur, generator, integer, number, per_dim,
-                      progress_bar, sample_shape_tensor, score, spatial_dims, target_weights)
+                      per_sample_range, progress_bar, sample_shape_tensor, score, spatial_dims, target_weights)
 from .base import AttributionMethod
 
 
@@ -193,7 +193,7 @@ class MeaningfulPerturbation(AttributionMethod):
         mask = torch.ones(mask_shape, dtype=x.dtype, device=x.device, requires_grad=True)
         perturbed = {"blur": lambda: gaussian_blur(x, self.blur_sigma) if not tabular else None,
                      "constant": lambda: torch.full_like(x, self.constant)}.get(self.perturbation, lambda: None)()
-        value_range = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).reshape(-1, *([1] * (x.ndim - 1)))
+        value_range = per_sample_range(x)
         mask_dims = tuple(range(1, mask.ndim)) if tabular else tuple(range(2, mask.ndim))
         optimizer = torch.optim.Adam([mask], lr=self.lr)
         curve = []
