@@ -10,6 +10,11 @@ from ._native import build_info
 from .composites import Composite
 from .engine import LRP, Explanation, available_backends, starting_relevance
 from .graph import UnsupportedLayerError
+from . import methods
+from .methods import attribute
+from .methods import (CAM, LIME, Deconvolution, DeepTaylor, GradCAM, GradCAMPlusPlus, GradientTimesInput,
+                      GuidedBackpropagation, IntegratedGradients, KernelSHAP, MeaningfulPerturbation, Occlusion,
+                      PlainGradient, SensitivityAnalysis, SmoothGrad)
 from .rules import (AlphaBeta, DeconvNet, Epsilon, Flat, Gamma, Gradient, GuidedBackprop, Norm, Pass,
                     Proportional, WSquare, ZBox, ZPlus)
 
@@ -20,4 +25,8 @@ __all__ = [
     "starting_relevance", "composites", "layers", "reference", "rules",
     "AlphaBeta", "DeconvNet", "Epsilon", "Flat", "Gamma", "Gradient", "GuidedBackprop", "Norm", "Pass",
     "Proportional", "WSquare", "ZBox", "ZPlus",
+    # other attribution methods (fastlrp.methods)
+    "methods", "attribute", "CAM", "LIME", "Deconvolution", "DeepTaylor", "GradCAM", "GradCAMPlusPlus",
+    "GradientTimesInput", "GuidedBackpropagation", "IntegratedGradients", "KernelSHAP", "MeaningfulPerturbation",
+    "Occlusion", "PlainGradient", "SensitivityAnalysis", "SmoothGrad",
 ]

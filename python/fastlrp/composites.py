@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 from torch import nn
 
 from . import layers
-from .rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, Rule, ZBox, ZPlus
+from .rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, Rule, WSquare, ZBox, ZPlus
 
 LayerMap = Sequence[tuple]  # [(type or tuple of types, Rule), ...]
 
@@ -126,6 +126,34 @@ def excitation_backprop(stabilizer=1e-6, zero_params=None, layer_map=(), first_m
     ], list(first_map), dict(name_map or {}))
 
 
+def deep_taylor(stabilizer=1e-6, zero_params=None, layer_map=(), first_map=(), name_map=None):
+    """Deep Taylor decomposition (Montavon et al. 2017) for ReLU networks whose input is also
+    non-negative: the z+ rule on every linear-type layer, the first included."""
+    return Composite(list(layer_map) + base_layer_map(stabilizer) + [
+        (layers.Linear, ZPlus(stabilizer, zero_params)),
+    ], list(first_map), dict(name_map or {}))
+
+
+def deep_taylor_box(low=None, high=None, stabilizer=1e-6, zero_params=None, layer_map=(), first_map=(),
+                    name_map=None):
+    """Deep Taylor decomposition with the zB rule at the input layer (pixels bounded by
+    ``low`` and ``high``), z+ on every other linear-type layer."""
+    if low is None or high is None:
+        raise ValueError("deep_taylor_box needs the input bounds: low=..., high=... "
+                         "(scalars or per-channel values of the input)")
+    composite = deep_taylor(stabilizer, zero_params, layer_map, (), name_map)
+    composite.first_map = list(first_map) + [(layers.Linear, ZBox(low, high, stabilizer, zero_params))]
+    return composite
+
+
+def deep_taylor_wsquare(stabilizer=1e-6, zero_params=None, layer_map=(), first_map=(), name_map=None):
+    """Deep Taylor decomposition with the w^2 rule at the input layer (unbounded real inputs),
+    z+ on every other linear-type layer."""
+    composite = deep_taylor(stabilizer, zero_params, layer_map, (), name_map)
+    composite.first_map = list(first_map) + [(layers.Linear, WSquare(stabilizer, zero_params))]
+    return composite
+
+
 PRESETS: dict[str, Callable[..., Composite]] = {
     "epsilon_plus": epsilon_plus,
     "epsilon_plus_flat": epsilon_plus_flat,
@@ -133,6 +161,9 @@ PRESETS: dict[str, Callable[..., Composite]] = {
     "epsilon_alpha2_beta1_flat": epsilon_alpha2_beta1_flat,
     "epsilon_gamma_box": epsilon_gamma_box,
     "excitation_backprop": excitation_backprop,
+    "deep_taylor": deep_taylor,
+    "deep_taylor_box": deep_taylor_box,
+    "deep_taylor_wsquare": deep_taylor_wsquare,
 }
 
 

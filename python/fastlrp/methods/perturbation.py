@@ -1,0 +1,239 @@
+"""Perturbation methods: occlusion (sliding window) and meaningful perturbation (an optimized
+mask). Formulas and citations in docs/methods.md."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ._common import (Attribution, choice, gaussian_blur, generator, integer, number, per_dim,
+                      per_sample_range, progress_bar, sample_shape_tensor, score, spatial_dims, target_weights)
+from .base import AttributionMethod
+
+
+def window_starts(size: int, window: int, stride: int) -> list:
+    """Start offsets of a window sliding over ``size``; the last one sits flush with the end,
+    so every position is covered even when the stride does not divide the size."""
+    last = size - window
+    starts = list(range(0, last + 1, stride))
+    if starts[-1] != last:
+        starts.append(last)
+    return starts
+
+
+@dataclass
+class OcclusionAttribution(Attribution):
+    window_scores: torch.Tensor = None
+    """f(x) - f(x occluded at the window) per sample and window position: [N, *positions]."""
+
+
+class Occlusion(AttributionMethod):
+    """Occlusion (Zeiler and Fergus 2014): slide a window over the input, replace what it covers
+    by a baseline, and record how much the score drops. A position's attribution is the mean drop
+    over the windows that cover it.
+
+    window: size per spatial dimension (int or tuple); for [N, features] inputs, in features.
+        Windows span all channels. Default: 8 for spatial inputs, 1 for features.
+    stride: step per dimension (default: the window, non-overlapping).
+    baseline: the value (or tensor broadcast to the input) put in the window.
+    batch_size: occluded inputs per forward pass.
+    progress: tqdm bar; None shows it for runs of 50 forward passes or more.
+    """
+
+    name = "occlusion"
+
+    def __init__(self, model, window=None, stride=None, baseline=0.0, batch_size: int = 64, progress=None):
+        super().__init__(model)
+        self.window, self.stride = window, stride
+        if not isinstance(baseline, (int, float, torch.Tensor)) or isinstance(baseline, bool):
+            raise TypeError(f"baseline must be a number or a tensor, got {type(baseline).__name__}")
+        self.baseline = baseline
+        self.batch_size = integer("batch_size", batch_size)
+        if progress not in (None, True, False):
+            raise ValueError(f"progress must be None, True or False, got {progress!r}")
+        self.progress = progress
+
+    def _geometry(self, x):
+        dims = spatial_dims(x)
+        sizes = [x.shape[d] for d in dims]
+        window = per_dim("window", self.window if self.window is not None else (1 if x.ndim == 2 else 8),
+                         len(dims))
+        window = tuple(min(w, s) for w, s in zip(window, sizes))
+        stride = per_dim("stride", self.stride if self.stride is not None else window, len(dims))
+        starts = [window_starts(s, w, st) for s, w, st in zip(sizes, window, stride)]
+        return dims, window, starts
+
+    def _explain(self, x, target):
+        with torch.no_grad():
+            output = self.model(x)
+        weights = target_weights(output, target)
+        explained = score(output, weights)
+        baseline = sample_shape_tensor("baseline", self.baseline, x)
+        dims, window, starts = self._geometry(x)
+        positions = list(itertools.product(*starts))
+        # one boolean mask per window over the spatial (or feature) dimensions
+        masks = torch.zeros((len(positions),) + tuple(x.shape[d] for d in dims), dtype=torch.bool, device=x.device)
+        for p, corner in enumerate(positions):
+            masks[(p,) + tuple(slice(c, c + w) for c, w in zip(corner, window))] = True
+        # a window covers every channel: [P, 1, *spatial] broadcasts over them
+        window_masks = masks if x.ndim == 2 else masks.unsqueeze(1)
+        batches = -(-len(positions) // self.batch_size) * x.shape[0]
+        bar = progress_bar(batches, self.progress, "occlusion")
+        drops = []
+        try:
+            with torch.no_grad():
+                for i in range(x.shape[0]):
+                    sample_drops = []
+                    # occluded copies are built a batch at a time, never all positions at once
+                    for start in range(0, len(positions), self.batch_size):
+                        chunk = window_masks[start:start + self.batch_size]
+                        occluded = torch.where(chunk, baseline[i:i + 1], x[i:i + 1])
+                        sample_drops.append(explained[i] - score(self.model(occluded), weights[i:i + 1]))
+                        if bar is not None:
+                            bar.update(1)
+                    drops.append(torch.cat(sample_drops))
+        finally:
+            if bar is not None:
+                bar.close()
+        drops = torch.stack(drops)  # [N, P]
+        coverage = masks.flatten(1).sum(0).to(x.dtype)
+        per_position = (drops @ masks.flatten(1).to(x.dtype)) / coverage  # mean drop of covering windows
+        attribution = per_position.reshape((x.shape[0],) + masks.shape[1:])
+        if x.ndim > 2:
+            attribution = attribution.unsqueeze(1).expand_as(x).clone()
+        window_scores = drops.reshape((x.shape[0],) + tuple(len(s) for s in starts))
+        return OcclusionAttribution(attribution, output, explained, window_scores)
+
+
+@dataclass
+class MaskAttribution(Attribution):
+    mask: torch.Tensor = None
+    """The optimized mask at the input's resolution, [N, 1, *spatial] ([N, features] for
+    tabular inputs): 1 keeps the input, 0 perturbs it."""
+    score_curve: torch.Tensor = None
+    """The target score of the perturbed input at every optimization step, [steps, N]."""
+
+
+def total_variation(mask: torch.Tensor, beta: float, dims: tuple) -> torch.Tensor:
+    """Mean of |finite difference|^beta along each of ``dims``, per sample."""
+    total = mask.new_zeros(mask.shape[0])
+    for d in dims:
+        if mask.shape[d] > 1:
+            total = total + mask.diff(dim=d).abs().pow(beta).flatten(1).mean(1)
+    return total
+
+
+class MeaningfulPerturbation(AttributionMethod):
+    """Meaningful perturbation (Fong and Vedaldi 2017): optimize a smooth mask m in [0, 1]
+    (1 keeps the input, 0 perturbs it) so that
+
+    deletion (default): minimize  l1 * mean(1 - m) + tv * TV_beta(m) + s(x perturbed where m = 0)
+    preservation:       minimize  l1 * mean(m)     + tv * TV_beta(m) - s(x perturbed where m = 0)
+
+    with s the class score (``score``: "probability" (softmax, the paper), "log_probability"
+    or "logit"). Means over mask elements make the coefficients independent of the resolution.
+
+    perturbation: "blur" (Gaussian, ``blur_sigma`` pixels), "noise" (Gaussian, ``noise_std`` times
+        the sample's value range, fresh each step) or "constant" (``constant``).
+    mask_scale: the mask is optimized at 1/mask_scale of the input resolution and upsampled
+        (bilinear), which keeps it smooth. 1 for [N, features] inputs.
+    jitter: each step shifts the perturbed input by up to this many positions (paper: 4 px), so
+        the mask cannot exploit single pixels.
+    steps, lr: Adam iterations and step size (paper: 300, 0.1).
+    The attribution is the evidence map, broadcast to the input: 1 - m for deletion, m for
+    preservation. ``explain`` returns the mask and the score curve as well.
+    """
+
+    name = "meaningful_perturbation"
+
+    def __init__(self, model, mode: str = "deletion", perturbation: str = "blur", steps: int = 300,
+                 lr: float = 0.1, l1_coeff: float = 1.0, tv_coeff: float = 1.0, tv_beta: float = 3.0,
+                 mask_scale: int = 8, jitter: int = 4, blur_sigma: float = 10.0, noise_std: float = 0.2,
+                 constant: float = 0.0, score: str = "probability", seed: int | None = None):
+        super().__init__(model)
+        self.mode = choice("mode", mode, ("deletion", "preservation"))
+        self.perturbation = choice("perturbation", perturbation, ("blur", "noise", "constant"))
+        self.steps = integer("steps", steps)
+        self.lr = number("lr", lr, strict=True)
+        self.l1_coeff = number("l1_coeff", l1_coeff)
+        self.tv_coeff = number("tv_coeff", tv_coeff)
+        self.tv_beta = number("tv_beta", tv_beta, minimum=1.0)
+        self.mask_scale = integer("mask_scale", mask_scale)
+        self.jitter = integer("jitter", jitter, minimum=0)
+        self.blur_sigma = number("blur_sigma", blur_sigma, strict=True)
+        self.noise_std = number("noise_std", noise_std)
+        self.constant = number("constant", constant, minimum=-float("inf"))
+        self.score = choice("score", score, ("probability", "log_probability", "logit"))
+        self.seed = None if seed is None else integer("seed", seed, minimum=0)
+
+    def _class_score(self, output, weights):
+        if self.score == "logit":
+            return score(output, weights)
+        if output.ndim != 2:
+            raise ValueError(f"score={self.score!r} needs a classifier output [N, classes], got "
+                             f"{tuple(output.shape)}; use score='logit'")
+        log_p = output.log_softmax(1)
+        return score(log_p.exp() if self.score == "probability" else log_p, weights)
+
+    def _explain(self, x, target):
+        tabular = x.ndim == 2
+        if tabular and self.perturbation == "blur":
+            raise ValueError("perturbation='blur' needs spatial inputs [N, C, *spatial]; "
+                             "use 'noise' or 'constant' for [N, features]")
+        with torch.no_grad():
+            output = self.model(x)
+        weights = target_weights(output, target)
+        gen = generator(self.seed, x.device)
+        full = x.shape[1:] if tabular else x.shape[2:]
+        low_res = full if tabular else tuple(max(1, -(-s // self.mask_scale)) for s in full)
+        mask_shape = (x.shape[0],) + tuple(low_res) if tabular else (x.shape[0], 1) + tuple(low_res)
+        mask = torch.ones(mask_shape, dtype=x.dtype, device=x.device, requires_grad=True)
+        perturbed = {"blur": lambda: gaussian_blur(x, self.blur_sigma) if not tabular else None,
+                     "constant": lambda: torch.full_like(x, self.constant)}.get(self.perturbation, lambda: None)()
+        value_range = per_sample_range(x)
+        mask_dims = tuple(range(1, mask.ndim)) if tabular else tuple(range(2, mask.ndim))
+        optimizer = torch.optim.Adam([mask], lr=self.lr)
+        curve = []
+        with torch.enable_grad():
+            for _ in range(self.steps):
+                upsampled = self._upsample(mask, full, tabular)
+                if self.perturbation == "noise":
+                    noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+                    perturbed = x + self.noise_std * value_range * noise
+                composed = x * upsampled + perturbed * (1 - upsampled)
+                composed = self._jitter(composed, gen, tabular)
+                class_score = self._class_score(self.model(composed), weights)
+                area = (1 - mask) if self.mode == "deletion" else mask
+                sign = 1.0 if self.mode == "deletion" else -1.0
+                loss = (self.l1_coeff * area.flatten(1).mean(1)
+                        + self.tv_coeff * total_variation(mask, self.tv_beta, mask_dims)
+                        + sign * class_score)
+                optimizer.zero_grad()
+                loss.sum().backward()  # samples are independent: their losses just add
+                optimizer.step()
+                with torch.no_grad():
+                    mask.clamp_(0, 1)
+                curve.append(class_score.detach())
+        with torch.no_grad():
+            final = self._upsample(mask.detach(), full, tabular)
+        evidence = 1 - final if self.mode == "deletion" else final
+        attribution = evidence.expand_as(x).clone()
+        return MaskAttribution(attribution, output, score(output, weights), final, torch.stack(curve))
+
+    @staticmethod
+    def _upsample(mask, full, tabular):
+        if tabular or tuple(mask.shape[2:]) == tuple(full):
+            return mask
+        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(full)]
+        return F.interpolate(mask, size=full, mode=mode, align_corners=False)
+
+    def _jitter(self, composed, gen, tabular):
+        if self.jitter == 0 or tabular:
+            return composed
+        dims = tuple(range(2, composed.ndim))
+        shifts = torch.randint(-self.jitter, self.jitter + 1, (len(dims),), generator=gen,
+                               device=composed.device if gen is not None else "cpu")
+        return torch.roll(composed, shifts=tuple(int(s) for s in shifts), dims=dims)

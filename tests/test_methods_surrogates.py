@@ -1,0 +1,104 @@
+"""LIME and KernelSHAP: recovery of a linear model's weights, exact Shapley values by
+enumeration, feature groups and superpixels."""
+
+import itertools
+import math
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import fastlrp
+from fastlrp.methods import LIME, KernelSHAP
+from methods_models import linear_model
+
+
+def test_lime_recovers_a_linear_models_weights():
+    model = linear_model(n_features=6)
+    x = torch.ones(2, 6, dtype=torch.float64)          # contributions w * x = w
+    result = LIME(model, n_samples=300, ridge=1e-9, seed=0).explain(x, 1)
+    w = model.weight[1].detach()
+    for weights in result.feature_weights:
+        torch.testing.assert_close(weights, w)
+    torch.testing.assert_close(result.attribution, w.expand(2, 6))
+    torch.testing.assert_close(result.intercept, model.bias[1].detach().expand(2))
+
+
+def test_kernel_shap_recovers_a_linear_models_contributions_when_sampling():
+    model = linear_model(n_features=12)               # 2^12 - 2 coalitions > budget: sampled
+    x = torch.randn(3, 12, dtype=torch.float64)
+    baseline = torch.randn(12, dtype=torch.float64)
+    method = KernelSHAP(model, n_samples=200, baseline=baseline, seed=0, batch_size=50)
+    assert not method._enumerates(12)
+    result = method.explain(x, 0)
+    torch.testing.assert_close(result.attribution, model.weight[0].detach() * (x - baseline))
+
+
+def _exact_shapley(value, n_features):
+    phi = torch.zeros(n_features, dtype=torch.float64)
+    for i in range(n_features):
+        others = [j for j in range(n_features) if j != i]
+        for size in range(n_features):
+            for subset in itertools.combinations(others, size):
+                weight = math.factorial(size) * math.factorial(n_features - size - 1) / math.factorial(n_features)
+                phi[i] += weight * (value(set(subset) | {i}) - value(set(subset)))
+    return phi
+
+
+def test_kernel_shap_equals_exact_shapley_values_by_enumeration():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2)).double().eval()
+    x = torch.randn(2, 5, dtype=torch.float64)
+    baseline = 0.25
+    result = KernelSHAP(model, n_samples=64, baseline=baseline).explain(x, 1)   # 2^5 - 2 = 30 <= 64
+    for i in range(2):
+        def value(coalition):
+            point = torch.full((1, 5), baseline, dtype=torch.float64)
+            for j in coalition:
+                point[0, j] = x[i, j]
+            return model(point)[0, 1].item()
+        torch.testing.assert_close(result.feature_weights[i], _exact_shapley(value, 5), rtol=1e-9, atol=1e-9)
+
+
+def test_feature_groups_share_one_weight():
+    model = linear_model(n_features=6)
+    x = torch.randn(2, 6, dtype=torch.float64)
+    groups = torch.tensor([0, 0, 1, 1, 1, 2])
+    contributions = model.weight[2].detach() * x
+    expected = torch.stack([contributions[:, :2].sum(1), contributions[:, 2:5].sum(1), contributions[:, 5]], 1)
+    shap = KernelSHAP(model, segments=groups).explain(x, 2)
+    torch.testing.assert_close(torch.stack(shap.feature_weights), expected)
+    torch.testing.assert_close(shap.attribution, expected[:, groups])
+    lime = fastlrp.attribute(model, x, 2, method="lime", segments=groups, ridge=1e-9, n_samples=100, seed=1)
+    torch.testing.assert_close(lime, expected[:, groups])
+
+
+class _PixelSum(nn.Module):
+    def forward(self, x):
+        return torch.stack([x.sum((1, 2, 3)), -x.sum((1, 2, 3))], 1)
+
+
+def test_superpixels_on_images():
+    pytest.importorskip("skimage")
+    x = torch.zeros(2, 3, 16, 16)
+    x[:, 0, :8] = 1.0                                  # two flat regions: SLIC separates them
+    x[:, 2, 8:] = 1.0
+    result = KernelSHAP(_PixelSum().eval(), n_segments=4, compactness=1.0).explain(x, 0)
+    labels = result.segments[0]
+    assert labels.shape == (16, 16) and int(labels.max()) >= 1
+    # constant within a superpixel and across channels; Shapley values of a sum add up exactly
+    for label in labels.unique():
+        values = result.attribution[0][:, labels == label]
+        assert torch.allclose(values, values.flatten()[0])
+    totals = torch.stack([weights.sum() for weights in result.feature_weights])
+    torch.testing.assert_close(totals, x.sum((1, 2, 3)))
+    lime = LIME(_PixelSum().eval(), n_segments=4, compactness=1.0, n_samples=64, seed=0)(x, 0)
+    assert lime.shape == x.shape
+
+
+def test_missing_scikit_image_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "skimage", None)
+    monkeypatch.setitem(sys.modules, "skimage.segmentation", None)
+    with pytest.raises(ImportError, match=r"fastlrp\[methods\]"):
+        LIME(_PixelSum().eval(), n_samples=4)(torch.rand(1, 3, 8, 8), 0)
