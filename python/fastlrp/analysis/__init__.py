@@ -4,3 +4,4 @@ k-means and one-class SVM), and HDF5 storage of heatmaps for datasets larger tha
 from .spray import (SpRAyResult, kmeans, knn_affinity, pool_heatmaps, pooled_features, spectral_decomposition,
                     spray, suggest_clusters)
 from .storage import HeatmapStore, write_heatmaps
+from .neon import NeonExplanation, NeuralizedKMeans, NeuralizedOneClassSVM
