@@ -268,7 +268,9 @@ def spray(
     if embedding == "tsne":
         manifold = require("sklearn.manifold", "the t-SNE embedding of SpRAy")
         perplexity = float(min(30.0, max(2.0, (n - 1) / 3)))
-        embedding_2d = manifold.TSNE(n_components=2, perplexity=perplexity, init="pca",
+        # Barnes-Hut's overhead outweighs its O(N log N) below about a thousand points.
+        method = "exact" if n <= 1000 else "barnes_hut"
+        embedding_2d = manifold.TSNE(n_components=2, perplexity=perplexity, init="pca", method=method,
                                      random_state=seed).fit_transform(vectors)
     else:
         embedding_2d = vectors[:, 1:3] if vectors.shape[1] >= 3 else np.pad(vectors[:, 1:], ((0, 0), (0, 1)))
