@@ -119,3 +119,16 @@ def test_one_class_svm_errors_name_the_argument(normal_data):
         NeuralizedOneClassSVM(normal_data[0], torch.ones(1), gamma=0.1)
     with pytest.raises(ValueError, match="threshold"):
         NeuralizedOneClassSVM(normal_data, torch.ones(len(normal_data)), gamma=0.1).is_outlier(normal_data)
+
+
+def test_feature_relevance_continues_through_a_network_with_lrp(blobs):
+    import fastlrp
+    points, truth, _ = blobs
+    torch.manual_seed(0)
+    feature_net = torch.nn.Sequential(torch.nn.Linear(FEATURES, 4, bias=False)).double().eval()
+    features = feature_net(points).detach()
+    centroids = torch.stack([features[truth == k].mean(0) for k in range(3)])
+    neon = NeuralizedKMeans(centroids).explain(features)
+    relevance = fastlrp.LRP(feature_net, start="one")(points, target=neon.relevance)
+    assert relevance.shape == points.shape
+    assert torch.allclose(relevance.sum(1), neon.score, rtol=1e-4)
