@@ -289,3 +289,43 @@ def test_compare_errors_name_the_argument():
         metrics.compare(model, {"a": lambda x, t: x}, ["relevance_mass"], x)
     with pytest.raises(ValueError, match=r"explainers\['a'\]"):
         metrics.compare(model, {"a": lambda x, t: x[:, 0]}, ["aopc_morf"], x)
+
+
+def test_selectivity_is_the_most_relevant_first_curve():
+    weight = torch.randn(2, 16, dtype=torch.float64)
+    model = Linear2d(weight)
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    explainer = lambda x, t: weight[t].view(-1, 1, 4, 4) * x  # noqa: E731
+    curve = metrics.selectivity(model, explainer, x, steps=4)
+    target = model(x).argmax(1)
+    direct = metrics.pixel_flipping(model, x, explainer(x, target), target, steps=4)
+    assert torch.equal(curve.scores, direct.scores) and curve.order == "most_relevant_first"
+    with pytest.raises(TypeError, match="explainer"):
+        metrics.selectivity(model, "lrp", x)
+    with pytest.raises(TypeError, match="target"):
+        metrics.continuity(explainer, x, None)
+
+
+@pytest.mark.gpu
+def test_pixel_flipping_runs_on_the_models_device():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2)).double()
+    x, relevance = torch.rand(5, 3, 8, 8, dtype=torch.float64), torch.randn(5, 3, 8, 8, dtype=torch.float64)
+    on_cpu = metrics.pixel_flipping(model, x, relevance, 1, patch_size=2, steps=4, perturbation="inpaint")
+    on_gpu = metrics.pixel_flipping(copy.deepcopy(model).cuda(), x, relevance, 1, patch_size=2, steps=4,
+                                    perturbation="inpaint")
+    assert on_gpu.scores.device.type == "cpu"
+    assert torch.allclose(on_cpu.scores, on_gpu.scores, atol=1e-9)
+
+
+def test_metrics_do_not_touch_batch_norm_statistics_of_a_training_model():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(2, 2)).train()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.rand(4, 1, 6, 6)
+    metrics.pixel_flipping(model, x, torch.rand(4, 6, 6), steps=3)
+    metrics.conservation(model, torch.rand(4, 1, 6, 6), x)
+    metrics.compare(model, {"r": lambda x, t: torch.rand_like(x)}, ["aopc_morf"], x)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert model.training

@@ -5,3 +5,9 @@ from .spray import (SpRAyResult, kmeans, knn_affinity, pool_heatmaps, pooled_fea
                     spray, suggest_clusters)
 from .storage import HeatmapStore, write_heatmaps
 from .neon import NeonExplanation, NeuralizedKMeans, NeuralizedOneClassSVM
+
+__all__ = [
+    "HeatmapStore", "NeonExplanation", "NeuralizedKMeans", "NeuralizedOneClassSVM", "SpRAyResult", "kmeans",
+    "knn_affinity", "pool_heatmaps", "pooled_features", "spectral_decomposition", "spray", "suggest_clusters",
+    "write_heatmaps",
+]

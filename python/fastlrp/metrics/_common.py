@@ -61,10 +61,12 @@ def model_dtype(model: nn.Module, fallback: torch.dtype) -> torch.dtype:
 
 @torch.no_grad()
 def forward_in_batches(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """model(x) chunk by chunk on the model's device; the output comes back on x's device."""
+    """model(x) chunk by chunk on the model's device, in eval mode (a training-mode batch norm
+    would update its running statistics); the output comes back on x's device."""
     device = model_device(model, x.device)
     dtype = model_dtype(model, x.dtype)
-    return torch.cat([model(chunk.to(device, dtype)).to(x.device) for chunk in x.split(batch_size)])
+    with eval_mode(model):
+        return torch.cat([model(chunk.to(device, dtype)).to(x.device) for chunk in x.split(batch_size)])
 
 
 def resolve_target(target, logits: torch.Tensor) -> torch.Tensor:

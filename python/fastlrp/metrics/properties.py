@@ -49,6 +49,9 @@ def continuity(
         raise ValueError(f"noise_std must be > 0, got {noise_std}")
     num_samples = check_positive_int("num_samples", num_samples)
     batch_size = check_positive_int("batch_size", batch_size)
+    if target is None or isinstance(target, bool) or (isinstance(target, torch.Tensor) and target.is_floating_point()):
+        raise TypeError("target must be a class index or one index per sample (continuity keeps it fixed while "
+                        f"the input moves), got {target!r}")
     target = torch.as_tensor(target, device=x.device).long()
     if target.ndim == 0:
         target = target.expand(x.shape[0])
