@@ -208,7 +208,7 @@ def patch_ranks(relevance: torch.Tensor, patch_size: int, order: str,
     patch_of_pixel = ((torch.arange(height)[:, None] // patch_size) * cols
                       + torch.arange(width)[None, :] // patch_size).reshape(-1)
     patch_scores = torch.zeros(n, num_patches, dtype=torch.float64).index_add_(1, patch_of_pixel, heat.reshape(n, -1))
-    shuffle = torch.stack([torch.randperm(num_patches, generator=generator) for _ in range(n)])
+    shuffle = torch.rand(n, num_patches, generator=generator).argsort(1)  # a random permutation per image
     if order == "random":
         ordered = shuffle
     else:
