@@ -14,7 +14,7 @@ import torch
 
 from .. import viz
 from ..report import Section, image_html, table_html
-from .data import CLASS_NAMES, WATERMARK_SIZE, watermark_mask
+from .data import WATERMARK_SIZE, watermark_mask
 
 SCALE = 3  # 32x32 pictures enlarged for the eye
 # LRP presets shown, with the rule options the demo's [0, 1] images need.

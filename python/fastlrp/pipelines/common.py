@@ -94,6 +94,14 @@ def target_indices(target, logits: torch.Tensor, labels: torch.Tensor | None = N
     return torch.full((n,), target, dtype=torch.long, device=logits.device)
 
 
+def convert_fix(model_channels: int) -> str:
+    """The advice for an image whose channel count does not fit the model."""
+    mode = {1: "L", 3: "RGB"}.get(model_channels)
+    if mode is None:
+        return f"use a model whose first layer takes 1 (grey) or 3 (RGB) channels, not {model_channels}"
+    return f"pass --convert {mode} to convert the images, or use a model built for them"
+
+
 def image_channels(path: Path, convert: str | None) -> int:
     """Channels an image file gives: 1 for grey, 3 for colour (alpha is dropped)."""
     if convert is not None:

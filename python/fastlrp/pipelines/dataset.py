@@ -33,8 +33,8 @@ import torch
 
 from .. import models
 from ..extras import require
-from .common import (IMAGE_SUFFIXES, chunks, image_channels, load_image, make_explainer, preprocessing, progress,
-                     target_indices)
+from .common import (IMAGE_SUFFIXES, chunks, convert_fix, image_channels, load_image, make_explainer,
+                     preprocessing, progress, target_indices)
 
 LAYOUT_VERSION = 1
 # For tests only: the process kills itself after this many batches, as a crash would.
@@ -184,7 +184,7 @@ def explain_dataset(root, out, model_spec: str, weights=None, num_classes=None, 
     models.check_spatial_dims(spec, (2,), "dataset", "give an image classifier")
     channels = spec.channels if spec else 3
     models.check_channels(spec, image_channels(root / paths[0], convert), str(root / paths[0]),
-                          "pass --convert RGB or --convert L to convert the images, or use a model built for them")
+                          convert_fix(channels))
     hw = common_size(root, paths, size)
     settings = _settings(root, paths, labels, model_spec, weights, num_classes, composite, target, hw,
                          normalize, convert)

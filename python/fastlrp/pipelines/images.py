@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import models, viz
-from .common import chunks, image_channels, load_image, make_explainer, preprocessing, progress, target_indices
+from .common import (chunks, convert_fix, image_channels, load_image, make_explainer, preprocessing, progress,
+                     target_indices)
 
-CHANNEL_FIX = "pass --convert RGB or --convert L to convert the images, or use a model built for them"
 TOP_K = 5
 
 
@@ -57,7 +57,7 @@ def explain_images(paths: list, model_spec: str, weights=None, num_classes=None,
     channels = spec.channels if spec else 3
     for path in paths:  # all files checked before any work, so a typo fails at once
         found = image_channels(path, convert)
-        models.check_channels(spec, found, str(path), CHANNEL_FIX)
+        models.check_channels(spec, found, str(path), convert_fix(channels))
     prep = preprocessing(size, normalize, model_spec, channels)
     dev = models.resolve_device(device)
     model = model.to(dev)

@@ -18,7 +18,7 @@ import torch
 
 from .. import models
 from ..extras import require
-from .common import make_explainer, preprocessing, progress
+from .common import convert_fix, make_explainer, preprocessing, progress
 from .images import render
 
 # Output container suffix -> codecs to try, best first.
@@ -90,7 +90,7 @@ def explain_video(in_path, out_path, model_spec: str, weights=None, num_classes=
     clips = spec is not None and spec.spatial_dims == 3
     channels = 1 if convert == "L" else 3
     models.check_channels(spec, channels, f"video {in_path.name} ({'grey' if channels == 1 else 'RGB'} frames)",
-                          "pass --convert L for grey frames or --convert RGB for colour, or use a model built for them")
+                          convert_fix(spec.channels if spec else channels))
     prep = preprocessing(size, normalize, model_spec, channels)
     dev = models.resolve_device(device)
     model = model.to(dev)
