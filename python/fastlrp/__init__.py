@@ -5,11 +5,12 @@
     relevance = explainer(x, target)
 """
 
-from . import composites, layers, reference, rules
+from . import composites, layers, reference, rules, viz
 from ._native import build_info
 from .composites import Composite
 from .engine import LRP, Explanation, available_backends, starting_relevance
 from .graph import UnsupportedLayerError
+from .viz import heatmap
 from .rules import (AlphaBeta, DeconvNet, Epsilon, Flat, Gamma, Gradient, GuidedBackprop, Norm, Pass,
                     Proportional, WSquare, ZBox, ZPlus)
 
@@ -17,7 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LRP", "Explanation", "Composite", "UnsupportedLayerError", "available_backends", "build_info",
-    "starting_relevance", "composites", "layers", "reference", "rules",
+    "starting_relevance", "composites", "heatmap", "layers", "reference", "rules", "viz",
     "AlphaBeta", "DeconvNet", "Epsilon", "Flat", "Gamma", "Gradient", "GuidedBackprop", "Norm", "Pass",
     "Proportional", "WSquare", "ZBox", "ZPlus",
 ]

@@ -585,7 +585,7 @@ def run(args):
         rows += bench_model(name, args, providers, skip_note)
     add_ratios(rows)
     env["load_average_at_end"] = os.getloadavg()
-    config = {k: v for k, v in vars(args).items()}
+    config = {k: v for k, v in vars(args).items() if not callable(v)}  # the CLI adds its handler
     config["providers"] = providers
     path = write_results(args.name, rows, env, config, args.out)
     print()

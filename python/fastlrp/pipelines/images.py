@@ -64,11 +64,11 @@ def explain_images(paths: list, model_spec: str, weights=None, num_classes=None,
     explainer = make_explainer(model, composite, prep, channels)
     out = prepare_out_dir(out_dir)
 
-    records = []
+    records = [None] * len(paths)  # filled by position: size groups can reorder a batch
     stems = _unique_stems(paths)
     bar = progress(total=len(paths), desc="explain", unit="img")
-    for batch in chunks(list(zip(paths, stems)), batch_size):
-        images = [load_image(p, channels) for p, _ in batch]
+    for batch in chunks(list(enumerate(zip(paths, stems))), batch_size):
+        images = [load_image(p, channels) for _, (p, _) in batch]
         # Images of different sizes cannot share a batch unless --size makes them equal.
         prepared = [prep(image[None]) for image in images]
         groups = {}
@@ -83,12 +83,12 @@ def explain_images(paths: list, model_spec: str, weights=None, num_classes=None,
             classes = target_indices(target, logits)
             probabilities = logits.float().softmax(1)
             for j, k in enumerate(members):
-                path, stem = batch[k]
+                position, (path, stem) = batch[k]
                 heat, over = render(images[k], result.relevance[j].cpu(), cmap, alpha, percentile)
                 heat_path = viz.save_png(out / f"{stem}_heatmap.png", heat)
                 over_path = viz.save_png(out / f"{stem}_overlay.png", over)
                 top = probabilities[j].topk(min(TOP_K, logits.shape[1]))
-                records.append({
+                records[position] = {
                     "path": str(path),
                     "prediction": int(logits[j].argmax()),
                     "target": int(classes[j]),
@@ -98,7 +98,7 @@ def explain_images(paths: list, model_spec: str, weights=None, num_classes=None,
                             for p, c in zip(top.values, top.indices)],
                     "heatmap": heat_path.name,
                     "overlay": over_path.name,
-                })
+                }
             bar.update(len(members))
     bar.close()
     summary = {"model": model_spec, "weights": None if weights is None else str(weights), "composite": composite,
