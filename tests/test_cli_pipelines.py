@@ -416,8 +416,8 @@ def test_report_sections_are_a_list_of_title_html(tmp_path):
 
 def test_bench_command_writes_a_result_file(tmp_path, capsys):
     pytest.importorskip("torchvision")
-    code, printed, err = run_cli(capsys, "bench", "--models", "vgg16", "--composites", "epsilon_plus",
-                                 "--providers", "fastlrp:reference", "--size", "32", "--repeats", "1",
+    code, printed, err = run_cli(capsys, "bench", "--models", "r3d_18", "--composites", "epsilon_plus",
+                                 "--providers", "fastlrp:reference", "--video-size", "16", "--frames", "2", "--repeats", "1",
                                  "--no-memory", "--device", "cpu", "--out", tmp_path)
     assert code == 0, err
     (result,) = tmp_path.glob("lrp-cpu-*.json")

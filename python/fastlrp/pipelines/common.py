@@ -110,14 +110,20 @@ def image_channels(path: Path, convert: str | None) -> int:
         return 1 if image.mode in ("1", "L", "I", "I;16", "F") else 3
 
 
-def _open(path: Path):
-    from PIL import Image, UnidentifiedImageError
-
+def check_input_file(path: Path, what: str) -> Path:
+    """``path`` if it is an existing file; else FileNotFoundError / IsADirectoryError naming ``what``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder, not an image file")
+        raise IsADirectoryError(f"{path} is a folder, not {what}")
+    return path
+
+
+def _open(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    path = check_input_file(path, "an image file")
     try:
         return Image.open(path)
     except UnidentifiedImageError:

@@ -18,7 +18,7 @@ import torch
 
 from .. import models
 from ..extras import require
-from .common import convert_fix, make_explainer, preprocessing, progress
+from .common import check_input_file, convert_fix, make_explainer, preprocessing, progress
 from .images import render
 
 # Output container suffix -> codecs to try, best first.
@@ -27,10 +27,7 @@ CODECS = {".mp4": ("libx264", "h264", "mpeg4"), ".mkv": ("libx264", "h264", "mpe
 
 
 def _open_input(av, path: Path):
-    if not path.exists():
-        raise FileNotFoundError(f"video {path} does not exist")
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder, not a video file")
+    check_input_file(path, "a video file")
     try:
         container = av.open(str(path))
     except av.FFmpegError as err:

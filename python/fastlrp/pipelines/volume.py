@@ -16,16 +16,13 @@ import torch
 
 from .. import models, viz
 from ..extras import require
-from .common import make_explainer, Preprocessing
+from .common import Preprocessing, check_input_file, make_explainer
 
 INTENSITY = ("zscore", "minmax", "none")
 
 
 def read_volume(nib, path: Path):
-    if not path.exists():
-        raise FileNotFoundError(f"volume {path} does not exist")
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder, not a NIfTI file")
+    check_input_file(path, "a NIfTI file")
     try:
         image = nib.load(str(path))
         data = np.asarray(image.dataobj, dtype=np.float32)
