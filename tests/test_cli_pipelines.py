@@ -433,3 +433,13 @@ def test_bench_script_keeps_its_command_line():
     done = subprocess.run([sys.executable, str(script), "--help"], env=subprocess_env(), capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and "--gpu" in done.stdout and "--providers" in done.stdout
+
+
+@pytest.mark.parametrize("command, module, extra", [("video", "av", "video"), ("volume", "nibabel", "volume"),
+                                                    ("dataset", "h5py", "dataset")])
+def test_missing_extra_names_the_pip_command(tmp_path, capsys, monkeypatch, command, module, extra):
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail as if not installed
+    target = tmp_path / "in"
+    target.mkdir()
+    code, out, err = run_cli(capsys, command, target, "--model", TINY, "--out", tmp_path / "o.mp4")
+    assert_one_line_error(code, out, err, f'pip install "fastlrp[{extra}]"')
