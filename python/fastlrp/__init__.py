@@ -5,7 +5,7 @@
     relevance = explainer(x, target)
 """
 
-from . import analysis, composites, layers, metrics, reference, rules
+from . import analysis, composites, layers, metrics, reference, rules, viz
 from ._native import build_info
 from .composites import Composite
 from .engine import LRP, Explanation, available_backends, starting_relevance
@@ -15,6 +15,7 @@ from .methods import attribute
 from .methods import (CAM, LIME, Deconvolution, DeepTaylor, GradCAM, GradCAMPlusPlus, GradientTimesInput,
                       GuidedBackpropagation, IntegratedGradients, KernelSHAP, MeaningfulPerturbation, Occlusion,
                       PlainGradient, SensitivityAnalysis, SmoothGrad)
+from .viz import heatmap
 from .rules import (AlphaBeta, DeconvNet, Epsilon, Flat, Gamma, Gradient, GuidedBackprop, Norm, Pass,
                     Proportional, WSquare, ZBox, ZPlus)
 
@@ -22,7 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LRP", "Explanation", "Composite", "UnsupportedLayerError", "available_backends", "build_info",
-    "starting_relevance", "analysis", "composites", "layers", "metrics", "reference", "rules",
+    "starting_relevance", "analysis", "composites", "heatmap", "layers", "metrics", "reference", "rules", "viz",
     "AlphaBeta", "DeconvNet", "Epsilon", "Flat", "Gamma", "Gradient", "GuidedBackprop", "Norm", "Pass",
     "Proportional", "WSquare", "ZBox", "ZPlus",
     # other attribution methods (fastlrp.methods)

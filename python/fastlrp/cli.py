@@ -1,16 +1,24 @@
 """The ``fastlrp`` command line.
 
-    fastlrp demo [--out DIR] [--n 8] [--composite epsilon_plus] [--seed 0]
+    fastlrp demo     [--out DIR] [--n 8] [--composite epsilon_plus] [--seed 0] [--no-report]
+    fastlrp explain  IMAGE... --model ARCH [--weights FILE] [--out DIR] ...
+    fastlrp video    IN --model ARCH --out OUT.mp4 ...
+    fastlrp volume   IN.nii[.gz] --model ARCH --out OUT.nii.gz ...
+    fastlrp dataset  DIR --model ARCH --out heatmaps.h5 ...      (also under torchrun)
+    fastlrp bench    [options of bench/bench_lrp.py]
 
 Each subcommand is a function taking the parsed arguments and returning an exit code.
-Expected failures (a bad path, a bad option value) end as one line on stderr and exit code
-2, without a traceback; anything else is a bug and is allowed to surface as one.
+Expected failures (a bad path, an unreadable file, an unknown model, a wrong channel
+count, a missing optional dependency) end as one line on stderr and exit code 2, without a
+traceback (``--traceback`` shows it); anything else is a bug and surfaces as one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import warnings
 
 
 class _UsageError(Exception):
@@ -32,43 +40,267 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value}")
+    return value
+
+
+def _percentile(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value <= 100.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 100], got {value}")
+    return value
+
+
+# --- commands -------------------------------------------------------------------------
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo.run import format_summary, run_demo
 
-    summary = run_demo(args.out, n=args.n, composite=args.composite, seed=args.seed)
+    summary = run_demo(args.out, n=args.n, composite=args.composite, seed=args.seed, report=args.report)
     print(format_summary(summary))
     return 0
 
 
+def _model_args(args) -> dict:
+    from .pipelines.common import parse_target
+
+    return {"model_spec": args.model, "weights": args.weights, "num_classes": args.num_classes,
+            "composite": args.composite, "target": parse_target(args.target, allow_label=args.command == "dataset"),
+            "device": args.device}
+
+
+def _check_composite(name: str) -> None:
+    from . import composites
+
+    if name not in composites.names():
+        raise ValueError(f"unknown composite {name!r}; choose one of {', '.join(composites.names())}")
+
+
+def _cmd_explain(args) -> int:
+    from .pipelines.images import explain_images
+
+    _check_composite(args.composite)
+    summary = explain_images(args.images, size=args.size, normalize=args.normalize, convert=args.convert,
+                             out_dir=args.out, cmap=args.cmap, alpha=args.alpha, percentile=args.percentile,
+                             batch_size=args.batch_size, **_model_args(args))
+    for record in summary["images"]:
+        print(f"{record['path']}: predicted {record['prediction']}, explained {record['target']} "
+              f"(logit {record['target_logit']:.3f}) -> {record['overlay']}")
+    print(f"wrote {2 * len(summary['images'])} PNGs and {summary['json']}")
+    return 0
+
+
+def _cmd_video(args) -> int:
+    from .pipelines.video import explain_video
+
+    _check_composite(args.composite)
+    summary = explain_video(args.input, args.out, size=args.size, normalize=args.normalize, convert=args.convert,
+                            batch_size=args.batch_size, clip_length=args.clip_length, cmap=args.cmap,
+                            alpha=args.alpha, percentile=args.percentile, codec=args.codec, **_model_args(args))
+    print(f"wrote {summary['out']}: {summary['frames']} frames {summary['width']}x{summary['height']} "
+          f"({summary['mode']}, codec {summary['codec']})")
+    print(f"{summary['fps']:.1f} frames/s end to end (decode, explain, encode); "
+          f"{summary['explain_fps']:.1f} frames/s explaining alone")
+    return 0
+
+
+def _cmd_volume(args) -> int:
+    from .pipelines.volume import explain_volume
+
+    _check_composite(args.composite)
+    summary = explain_volume(args.input, args.out, intensity=args.intensity, png=args.png, cmap=args.cmap,
+                             alpha=args.alpha, percentile=args.percentile, **_model_args(args))
+    print(f"wrote {summary['out']} (relevance {'x'.join(map(str, summary['shape']))}, the input's affine and "
+          f"header) and {summary['png']}")
+    print(f"predicted {summary['prediction']}, explained {summary['target']} (logit {summary['target_logit']:.3f}, "
+          f"sum of relevance {summary['relevance_sum']:.3f}); peak |relevance| at voxel {summary['peak_voxel']}")
+    return 0
+
+
+def _cmd_dataset(args) -> int:
+    from .pipelines.dataset import explain_dataset
+
+    _check_composite(args.composite)
+    summary = explain_dataset(args.dir, args.out, size=args.size, normalize=args.normalize, convert=args.convert,
+                              batch_size=args.batch_size, **_model_args(args))
+    if summary["rank"] == 0:
+        kind = f"ImageFolder with {len(summary['classes'])} classes" if summary["classes"] else "folder of images"
+        print(f"{summary['n']} images ({kind}), {summary['explained']} explained here, {summary['skipped']} "
+              f"already done; {summary['world']} process(es)")
+        print(f"wrote {summary['out']} (relevance {summary['n']}x{summary['size'][0]}x{summary['size'][1]} float32, "
+              "paths, labels, predictions, targets)")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from . import benchmark
+
+    benchmark.run(benchmark.finish_args(args))
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------
+
+def _add_model_options(p, image_input: bool = True) -> None:
+    from . import composites
+
+    p.add_argument("--model", required=True, metavar="ARCH",
+                   help="a torchvision classifier name (resnet18, vgg16, r3d_18, ...; random weights unless "
+                        "--weights) or your factory as module:function returning an nn.Module")
+    p.add_argument("--weights", metavar="FILE",
+                   help="a state dict (torch.save(model.state_dict(), FILE)), read with weights_only=True")
+    p.add_argument("--num-classes", type=_positive_int, metavar="K", help="build the model with K output classes")
+    p.add_argument("--composite", default="epsilon_plus", metavar="NAME",
+                   help=f"LRP composite: {', '.join(composites.names())} (default: epsilon_plus)")
+    p.add_argument("--target", default="pred", metavar="CLASS",
+                   help="class to explain: pred (the predicted class, default) or a class index")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, default), cpu, cuda or cuda:N")
+    if image_input:
+        p.add_argument("--size", type=_positive_int, metavar="N", help="resize inputs to N x N before the model")
+        p.add_argument("--normalize", choices=("auto", "imagenet", "none"), default="auto",
+                       help="input scaling after [0, 1]: ImageNet mean/std, none, or auto (default: ImageNet "
+                            "for 3-channel torchvision models, none for factories)")
+        p.add_argument("--convert", choices=("RGB", "L"),
+                       help="convert inputs to colour (RGB) or grey (L) instead of taking their own channels")
+
+
+def _add_render_options(p, alpha: float = 0.6) -> None:
+    from .viz import COLORMAPS
+
+    p.add_argument("--cmap", default="bwr", metavar="NAME",
+                   help=f"colour map: {', '.join(COLORMAPS)} or a matplotlib name (default: bwr)")
+    p.add_argument("--alpha", type=_fraction, default=alpha, help=f"heatmap opacity over the input (default: {alpha})")
+    p.add_argument("--percentile", type=_percentile, metavar="P",
+                   help="scale colours to the P-th percentile of |relevance| (e.g. 99.5) instead of the maximum")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastlrp", description="Layer-wise Relevance Propagation for PyTorch.")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser(
         "demo",
-        help="explain generated images with a shipped CNN and write heatmap PNGs",
-        description="Explain a batch of generated images with the demo CNN shipped in the "
-        "package and write one PNG per image (input next to its heatmap) plus grid.png.",
+        help="explain generated images with a shipped CNN; heatmap PNGs and an HTML report",
+        description="Explain a batch of generated images with the demo CNN shipped in the package: one PNG "
+        "per image (input next to its heatmap), grid.png, and report.html comparing LRP composites with "
+        "gradient baselines and showing the Clever-Hans watermark the network learned.",
     )
     demo.add_argument("--out", default="fastlrp-demo", help="output folder (default: ./fastlrp-demo)")
     demo.add_argument("--n", type=_positive_int, default=8, help="number of images (default: 8)")
-    demo.add_argument("--composite", default="epsilon_plus", help="LRP composite (default: epsilon_plus)")
+    demo.add_argument("--composite", default="epsilon_plus", help="LRP composite of the PNGs (default: epsilon_plus)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the image generator (default: 0)")
+    demo.add_argument("--no-report", dest="report", action="store_false", help="skip report.html")
     demo.set_defaults(func=_cmd_demo)
+
+    explain = commands.add_parser(
+        "explain", help="heatmaps and overlays for image files, with a JSON of predictions",
+        description="Explain image files with a classifier; writes <name>_heatmap.png, <name>_overlay.png "
+        "and predictions.json (top classes, explained class, relevance sum) to --out.")
+    explain.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    _add_model_options(explain)
+    _add_render_options(explain)
+    explain.add_argument("--out", default="fastlrp-explain", help="output folder (default: ./fastlrp-explain)")
+    explain.add_argument("--batch-size", type=_positive_int, default=8, help="images per batch (default: 8)")
+    explain.set_defaults(func=_cmd_explain)
+
+    video = commands.add_parser(
+        "video", help="a video of relevance overlays (PyAV; per-frame 2D or clip-based 3D models)",
+        description="Decode IN with PyAV, explain it in batches of frames (2D model) or clips (3D model such "
+        "as r3d_18), and encode the relevance overlays to OUT. Streams: memory does not grow with the "
+        'video\'s length. Needs pip install "fastlrp[video]".')
+    video.add_argument("input", metavar="IN", help="input video file")
+    _add_model_options(video)
+    _add_render_options(video)
+    video.add_argument("--out", required=True, metavar="OUT", help="output video (.mp4, .mkv, .mov, .avi, .webm)")
+    video.add_argument("--batch-size", type=_positive_int, default=8, help="frames per batch for 2D models (default: 8)")
+    video.add_argument("--clip-length", type=_positive_int, default=16,
+                       help="frames per clip for 3D models (default: 16)")
+    video.add_argument("--codec", help="encoder (default: by the suffix of OUT, e.g. libx264 for .mp4)")
+    video.set_defaults(func=_cmd_video)
+
+    volume = commands.add_parser(
+        "volume", help="relevance of a NIfTI volume under a 3D network, as NIfTI and a slices PNG",
+        description="Explain IN (.nii or .nii.gz, [X, Y, Z] or [X, Y, Z, C]) with a 3D network; write the "
+        "relevance to OUT with the input's affine and header, and a PNG of three orthogonal slices. "
+        'Needs pip install "fastlrp[volume]".')
+    volume.add_argument("input", metavar="IN", help="input NIfTI file")
+    _add_model_options(volume, image_input=False)
+    _add_render_options(volume)
+    volume.add_argument("--out", required=True, metavar="OUT.nii.gz", help="output NIfTI file")
+    volume.add_argument("--intensity", choices=("zscore", "minmax", "none"), default="zscore",
+                        help="intensity scaling per channel before the model (default: zscore)")
+    volume.add_argument("--png", help="slices picture (default: OUT's name with _slices.png)")
+    volume.set_defaults(func=_cmd_volume)
+
+    dataset = commands.add_parser(
+        "dataset", help="explain a folder of images into one HDF5 file (resumable; torchrun for many processes)",
+        description="Explain every image under DIR (or a torchvision ImageFolder: one subfolder per class) "
+        "into OUT.h5: datasets relevance [N, H, W] float32, paths, labels, predictions, targets (see "
+        "docs/cli.md). Rerunning after a crash skips the done items. Under torchrun each process explains "
+        'its share and rank 0 merges. Needs pip install "fastlrp[dataset]".')
+    dataset.add_argument("dir", metavar="DIR", help="folder of images, or an ImageFolder")
+    _add_model_options(dataset)
+    dataset.add_argument("--out", required=True, metavar="OUT.h5", help="output HDF5 file")
+    dataset.add_argument("--batch-size", type=_positive_int, default=16, help="images per batch (default: 16)")
+    dataset.set_defaults(func=_cmd_dataset)
+    for action in dataset._actions:  # dataset also knows the labels of an ImageFolder
+        if action.dest == "target":
+            action.help = "class to explain: pred (default), label (an ImageFolder's class) or a class index"
+
+    from .benchmark import add_arguments
+
+    bench = commands.add_parser(
+        "bench", help="time LRP against the plain gradient, Zennit and Captum (defaults for this machine)",
+        description="Run the LRP benchmark (bench/bench_lrp.py's options). Defaults: on a CUDA machine the GPU "
+        "preset (batch 64 at 224x224), otherwise a small CPU run (batch 1 at 64x64, several minutes). "
+        'Zennit and Captum come with pip install "fastlrp[bench]"; rows without them say so.')
+    add_arguments(bench, machine_defaults=True)
+    bench.set_defaults(func=_cmd_bench)
     return parser
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    # Warnings for the user (random weights, ...) as one line each, like the errors.
+    original = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_args, **_kw: f"fastlrp: warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fastlrp`` console script; returns the exit code."""
-    parser = build_parser()
+    from .extras import MissingExtraError
+    from .graph import UnsupportedLayerError
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    show_traceback = "--traceback" in argv
     try:
-        args = parser.parse_args(argv)
-        return args.func(args)
-    except (_UsageError, OSError, ValueError) as err:
+        with _one_line_warnings():
+            args = build_parser().parse_args(argv)
+            return args.func(args)
+    except (_UsageError, OSError, ValueError, MissingExtraError, UnsupportedLayerError) as err:
+        if show_traceback:
+            raise
         # One line, no traceback: these are the user's to fix, not bugs.
         message = " ".join(str(err).split())
         print(f"fastlrp: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fastlrp: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

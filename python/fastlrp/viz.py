@@ -1,19 +1,86 @@
-"""Render relevance as RGB heatmaps and write them as PNG files.
+"""Render relevance as RGB heatmaps, overlays and labelled grids, and write PNG files.
 
-Small on purpose: a heatmap is relevance summed over channels, scaled into [-1, 1] (or
-[0, 1]) and looked up in a matplotlib colour map. With the default ``bwr`` map and
-symmetric scaling, zero relevance is white, positive relevance red and negative blue, and
-equal magnitudes get equal colour strength whatever their sign.
+A heatmap is relevance summed over channels (relevance is additive), scaled into [0, 1]
+and looked up in a colour map. With the default ``bwr`` map and symmetric scaling, zero
+relevance is white, positive relevance red and negative blue, and equal magnitudes get
+equal colour strength whatever their sign.
+
+Colour maps: the names LRP users know from Zennit and the LRP toolbox are defined here
+from their colour stops (``COLORMAPS``); they take priority over matplotlib's maps of the
+same name (``hot`` and ``seismic`` differ from matplotlib's). Any other matplotlib name,
+or a ``matplotlib.colors.Colormap``, works too.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Sequence
 
 import matplotlib
+import matplotlib.colors
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+
+# name -> colour stops, each "RRGGBB" or "RGB" hex, optionally prefixed "position:" with
+# position in [0, 1]; stops without a position are spaced evenly between their neighbours.
+# Diverging maps put zero relevance (value 0.5) at their middle stop.
+COLORMAPS: dict[str, str] = {
+    "bwr": "00f, 0.5:fff, f00",  # blue - white - red
+    "coldnhot": "0ff, 00f, 0.5:000, f00, ff0, fff",  # cyan-blue below zero, black at 0, red-yellow-white above
+    "seismic": "0000d0, 0.5:d0d0d0, d00000",  # dark blue - light grey - dark red
+    "france": "0055a4, 0.5:fff, ef4135",  # the flag's blue - white - red
+    "coolio": "00d0d0, 0.5:d0d0d0, d000d0",  # cyan - grey - magenta
+    "coleus": "00d000, 0.5:d0d0d0, d000d0",  # green - grey - magenta
+    "blight": "6d9eeb, 0.5:fff, f4a582",  # light blue - white - light red: a softer bwr for overlays
+    "gray": "000, fff",  # black - white
+    "hot": "000, f00, ff0, fff",  # black - red - yellow - white
+    "cold": "000, 00f, 0ff",  # black - blue - cyan
+    "wred": "fff, f00",  # white - red: positive relevance only
+    "wblue": "fff, 00f",  # white - blue
+    "red": "000, f00",  # black - red
+}
+DIVERGING = ("bwr", "coldnhot", "seismic", "france", "coolio", "coleus", "blight")
+
+
+def _hex_rgb(text: str) -> tuple[float, float, float]:
+    if len(text) == 3:
+        text = "".join(c * 2 for c in text)
+    if len(text) != 6:
+        raise ValueError(f"colour {text!r} is not RGB or RRGGBB hex")
+    return tuple(int(text[i : i + 2], 16) / 255.0 for i in (0, 2, 4))
+
+
+def _parse_stops(spec: str) -> list[tuple[float, tuple]]:
+    entries = [part.strip() for part in spec.split(",")]
+    positions: list[float | None] = []
+    colours = []
+    for entry in entries:
+        where, _, colour = entry.rpartition(":")
+        positions.append(float(where) if where else None)
+        colours.append(_hex_rgb(colour))
+    positions[0] = 0.0 if positions[0] is None else positions[0]
+    positions[-1] = 1.0 if positions[-1] is None else positions[-1]
+    # Fill the unnamed positions linearly between the named ones on either side.
+    known = [i for i, p in enumerate(positions) if p is not None]
+    for a, b in zip(known, known[1:]):
+        for i in range(a + 1, b):
+            positions[i] = positions[a] + (positions[b] - positions[a]) * (i - a) / (b - a)
+    return list(zip(positions, colours))
+
+
+def colormap(cmap) -> matplotlib.colors.Colormap:
+    """A matplotlib colour map from a fastlrp name (``COLORMAPS``), a matplotlib name, or a map."""
+    if isinstance(cmap, matplotlib.colors.Colormap):
+        return cmap
+    if cmap in COLORMAPS:
+        return matplotlib.colors.LinearSegmentedColormap.from_list(cmap, _parse_stops(COLORMAPS[cmap]), N=256)
+    try:
+        return matplotlib.colormaps[cmap]
+    except KeyError:
+        raise ValueError(f"unknown colour map {cmap!r}; fastlrp's are {sorted(COLORMAPS)}, "
+                         "or any matplotlib colour map name") from None
 
 
 def _to_numpy(array) -> np.ndarray:
@@ -22,39 +89,57 @@ def _to_numpy(array) -> np.ndarray:
     return np.asarray(array)
 
 
-def heatmap(
-    relevance,
-    cmap: str = "bwr",
-    symmetric: bool = True,
-    percentile: float | None = None,
-) -> np.ndarray:
-    """Colour a relevance map; returns a uint8 array of shape [H, W, 3].
-
-    ``relevance`` is a tensor or array of shape [H, W] or [C, H, W] (channels first, as
-    torch lays out images); channels are summed, since relevance is additive.
-
-    symmetric: scale by the largest |R| so that 0 sits at the colour map's middle (white
-    for ``bwr``). Otherwise stretch [min R, max R] over the whole map.
-    percentile: with symmetric scaling, divide by this percentile of |R| instead of its
-    maximum and clip, so that a few extreme pixels do not wash out the rest.
-    """
+def reduce_channels(relevance) -> np.ndarray:
+    """[H, W] float64 relevance from [H, W] or channels-first [C, H, W] (channels summed)."""
     r = _to_numpy(relevance).astype(np.float64)
     if r.ndim == 3:
         r = r.sum(axis=0)
     if r.ndim != 2:
         raise ValueError(f"relevance must have shape [H, W] or [C, H, W], got {r.shape}")
+    return r
 
+
+def normalize(relevance, symmetric: bool = True, percentile: float | None = None,
+              scale: float | None = None) -> np.ndarray:
+    """Scale relevance of any shape into [0, 1] for a colour map lookup.
+
+    symmetric: divide by the largest |R| (or its ``percentile``-th percentile, clipping
+    above) and map [-1, 1] to [0, 1], so that zero lands at 0.5 (a diverging map's middle).
+    Otherwise stretch [min R, max R] (or the [100 - p, p] percentiles) over [0, 1].
+    scale: with symmetric scaling, divide by this instead (one scale shared by several
+    maps, so their colours compare). A constant map gives 0.5 everywhere, never NaN.
+    """
+    r = _to_numpy(relevance).astype(np.float64)
+    if percentile is not None and not 0 < percentile <= 100:
+        raise ValueError(f"percentile must lie in (0, 100], got {percentile}")
     if symmetric:
         magnitude = np.abs(r)
-        scale = np.percentile(magnitude, percentile) if percentile is not None else magnitude.max()
-        # An all-zero map (or a zero percentile) stays zero: white, not NaN.
+        if scale is None:
+            scale = np.percentile(magnitude, percentile) if percentile is not None else magnitude.max(initial=0.0)
         unit = np.clip(r / scale, -1.0, 1.0) if scale > 0 else np.zeros_like(r)
-        values = (unit + 1.0) / 2.0
+        return (unit + 1.0) / 2.0
+    if percentile is not None:
+        low, high = np.percentile(r, 100 - percentile), np.percentile(r, percentile)
+        low, high = min(low, high), max(low, high)
     else:
-        low, span = r.min(), np.ptp(r)
-        values = (r - low) / span if span > 0 else np.full_like(r, 0.5)
+        low, high = r.min(initial=np.inf), r.max(initial=-np.inf)
+    span = high - low
+    return np.clip((r - low) / span, 0.0, 1.0) if span > 0 else np.full_like(r, 0.5)
 
-    rgba = matplotlib.colormaps[cmap](values, bytes=True)
+
+def heatmap(relevance, cmap="bwr", symmetric: bool = True, percentile: float | None = None,
+            scale: float | None = None) -> np.ndarray:
+    """Colour a relevance map; returns a uint8 array of shape [H, W, 3].
+
+    ``relevance`` is a tensor or array of shape [H, W] or [C, H, W] (channels first, as
+    torch lays out images); channels are summed. ``cmap``: see ``COLORMAPS`` (diverging
+    maps suit ``symmetric=True``, one-sided maps such as ``hot`` or ``wred`` suit
+    ``symmetric=False`` or positive relevance). ``symmetric``, ``percentile`` and ``scale``:
+    see ``normalize``; a percentile such as 99.5 keeps a few extreme pixels from washing out
+    the rest.
+    """
+    values = normalize(reduce_channels(relevance), symmetric, percentile, scale)
+    rgba = colormap(cmap)(values, bytes=True)
     return np.ascontiguousarray(rgba[..., :3])
 
 
@@ -73,7 +158,13 @@ def image_to_uint8(image) -> np.ndarray:
 
 
 def overlay(image, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend a heatmap over an image: ``(1 - alpha) * image + alpha * heat``, uint8 [H, W, 3]."""
+    """Blend a heatmap over an image: ``(1 - alpha) * image + alpha * heat``, uint8 [H, W, 3].
+
+    The image may be grey or colour, uint8 or in [0, 1]. To see the input under a
+    diverging map, a grey version of the image with alpha 0.5-0.7 reads best.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     base = image_to_uint8(image).astype(np.float64)
     top = np.asarray(heat, dtype=np.float64)
     if base.shape != top.shape:
@@ -86,6 +177,47 @@ def upscale(array: np.ndarray, factor: int) -> np.ndarray:
     return np.repeat(np.repeat(array, factor, axis=0), factor, axis=1)
 
 
+def grid(tiles: Sequence[np.ndarray], labels: Sequence[str] | None = None, columns: int = 4,
+         gap: int = 4) -> np.ndarray:
+    """Lay uint8 [H, W, 3] tiles out row by row on white, each with an optional caption above.
+
+    Tiles may differ in size: each cell is as large as the largest tile. Captions are drawn
+    with Pillow's built-in bitmap font and cut to the cell's width.
+    """
+    if not tiles:
+        raise ValueError("grid needs at least one tile")
+    if labels is not None and len(labels) != len(tiles):
+        raise ValueError(f"{len(labels)} labels for {len(tiles)} tiles")
+    tiles = [image_to_uint8(t) for t in tiles]
+    cell_h = max(t.shape[0] for t in tiles)
+    cell_w = max(t.shape[1] for t in tiles)
+    font = ImageFont.load_default()
+    caption_h = 0
+    if labels is not None:
+        caption_h = max(font.getbbox(text or " ")[3] for text in labels) + 4
+    columns = max(1, min(columns, len(tiles)))
+    rows = math.ceil(len(tiles) / columns)
+    step_y, step_x = caption_h + cell_h + gap, cell_w + gap
+    canvas = Image.new("RGB", (columns * step_x - gap, rows * step_y - gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, tile in enumerate(tiles):
+        row, col = divmod(k, columns)
+        y, x = row * step_y, col * step_x
+        if labels is not None:
+            text = labels[k]
+            while text and font.getbbox(text)[2] > cell_w:
+                text = text[:-1]
+            draw.text((x, y + 1), text, fill="black", font=font)
+        canvas.paste(Image.fromarray(tile), (x, y + caption_h))
+    return np.asarray(canvas)
+
+
+def colorbar(cmap="bwr", width: int = 256, height: int = 12) -> np.ndarray:
+    """The colour map as a uint8 [height, width, 3] strip, low values on the left."""
+    values = np.broadcast_to(np.linspace(0.0, 1.0, width), (height, width))
+    return np.ascontiguousarray(colormap(cmap)(values, bytes=True)[..., :3])
+
+
 def save_png(path: str | Path, array: np.ndarray) -> Path:
     """Write a uint8 [H, W, 3] (or [H, W]) array as a PNG file and return its path."""
     a = np.asarray(array)
@@ -94,3 +226,15 @@ def save_png(path: str | Path, array: np.ndarray) -> Path:
     path = Path(path)
     Image.fromarray(a).save(path, format="PNG")
     return path
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """A uint8 image encoded as PNG in memory (for HTML reports)."""
+    import io
+
+    a = np.asarray(array)
+    if a.dtype != np.uint8:
+        raise TypeError(f"png_bytes expects uint8 pixels, got {a.dtype}")
+    buffer = io.BytesIO()
+    Image.fromarray(a).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -70,12 +70,15 @@ def run_demo(
     n: int = 8,
     composite: str = "epsilon_plus",
     seed: int = 0,
+    report: bool = True,
     **rule_options,
 ) -> dict:
     """Explain ``n`` generated images (their true class) and write PNGs to ``out_dir``.
 
     Writes ``image_XX.png`` (input next to heatmap) per image and ``grid.png`` with all of
-    them. Returns a summary: per image the true and predicted class, whether it carries the
+    them, and with ``report`` the self-contained ``report.html`` (see ``demo.report``):
+    several LRP composites and gradient baselines, and the share of relevance on the
+    watermark. Returns a summary: per image the true and predicted class, whether it carries the
     watermark, the target logit, the summed input relevance and the conservation error
     |sum R - logit| / |logit|; their maximum; and the explanation time per image.
     ``rule_options`` go to ``fastlrp.LRP`` (e.g. ``zero_params="bias"``).
@@ -129,6 +132,13 @@ def run_demo(
             }
         )
     grid = viz.save_png(out / "grid.png", _grid(tiles, GRID_COLUMNS))
+    report_path = None
+    if report:
+        from ..report import write_report
+        from .report import demo_sections
+
+        sections = demo_sections(model, images, labels, marked, records)
+        report_path = str(write_report(out / "report.html", "fastlrp demo: finding a Clever-Hans artefact", sections))
 
     return {
         "out_dir": str(out),
@@ -137,6 +147,7 @@ def run_demo(
         "n": n,
         "images": records,
         "grid_png": str(grid),
+        "report": report_path,
         "accuracy": (pred == labels).float().mean().item(),
         "max_conservation_error": error.max().item(),
         "seconds_per_image": explain_s / n,
@@ -163,4 +174,6 @@ def format_summary(summary: dict) -> str:
         f"explanation time: {summary['seconds_per_image'] * 1e3:.2f} ms per image "
         f"(batch of {summary['n']}, CPU; first call and setup took {summary['setup_seconds']:.2f} s)",
     ]
+    if summary.get("report"):
+        lines.append(f"report: {summary['report']}")
     return "\n".join(lines)

@@ -1,0 +1,171 @@
+"""Load the model a command explains, and check the data fits its first layer.
+
+Shared by ``fastlrp explain``, ``video``, ``volume`` and ``dataset``. A model is named by
+
+- a torchvision model name (``resnet18``, ``vgg16``, ``r3d_18``, ...): built with random
+  weights (nothing is ever downloaded), then ``--weights`` loaded into it; without
+  ``--weights`` a RandomWeightsWarning says the explanations are of an untrained net;
+- or ``module:function``, a factory the user writes: called with no arguments (or with
+  ``num_classes=`` when given) and returning an ``nn.Module``; ``module`` is imported
+  from the current folder or the Python path.
+
+Weights are a state dict read with ``torch.load(weights_only=True)``, which never runs
+code from the file; a checkpoint dict holding it under ``state_dict`` or ``model``, and
+the ``module.`` prefix that DistributedDataParallel adds, are accepted as well.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .extras import require
+
+
+class RandomWeightsWarning(UserWarning):
+    """The model has random weights: its explanations say nothing about a trained net."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model's first layer takes: ``spatial_dims`` 1, 2 or 3 for a convolution (0 for
+    a linear layer), ``channels`` (in_channels / in_features), and the layer's name."""
+
+    spatial_dims: int
+    channels: int
+    layer: str
+
+
+def is_factory(spec: str) -> bool:
+    return ":" in spec
+
+
+def torchvision_classifiers() -> list:
+    """Names of torchvision's image and video classifiers."""
+    torchvision = require("torchvision", "vision")
+    models = torchvision.models
+    return sorted(set(models.list_models(module=models)) | set(models.list_models(module=models.video)))
+
+
+def _build_torchvision(name: str, num_classes: int | None) -> nn.Module:
+    torchvision = require("torchvision", "vision")
+    known = torchvision_classifiers()
+    if name not in known:
+        close = [k for k in known if name.lower().replace("-", "_") in k][:5]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint}; give a torchvision classifier name such as resnet18 "
+                         "or r3d_18, or your own factory as module:function")
+    options = {} if num_classes is None else {"num_classes": num_classes}
+    return torchvision.models.get_model(name, weights=None, **options)
+
+
+def _build_from_factory(spec: str, num_classes: int | None) -> nn.Module:
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise ValueError(f"model factory {spec!r} must look like module:function, e.g. mymodels:make_net")
+    # A console script does not have the current folder on sys.path; users expect `mymodels`
+    # next to them to be found, as `python -m` would.
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.append(cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"cannot import {module_name!r} for model factory {spec!r} ({err}); run from the folder "
+                         "that holds it or add that folder to PYTHONPATH") from None
+    factory = getattr(module, function_name, None)
+    if not callable(factory):
+        raise ValueError(f"module {module_name!r} has no function {function_name!r} (model factory {spec!r})")
+    model = factory() if num_classes is None else factory(num_classes=num_classes)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def read_state_dict(path: str | Path) -> dict:
+    """A state dict from ``path`` via ``torch.load(weights_only=True)``; one-line errors."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist (check --weights)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot read weights from {path}: {first_line}; --weights must be a state dict "
+                         "saved with torch.save(model.state_dict(), path)") from None
+    for key in ("state_dict", "model"):  # common checkpoint wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds no state dict of tensors; save one with torch.save(model.state_dict(), path)")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_model(spec: str, weights: str | Path | None = None, num_classes: int | None = None) -> nn.Module:
+    """The model named by ``spec`` with ``weights`` loaded, on the CPU, in eval mode."""
+    model = _build_from_factory(spec, num_classes) if is_factory(spec) else _build_torchvision(spec, num_classes)
+    if weights is not None:
+        state = read_state_dict(weights)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            detail = " ".join(str(err).split())
+            raise ValueError(f"weights in {weights} do not fit model {spec}: {detail[:400]}; check --model "
+                             "and --num-classes") from None
+    elif not is_factory(spec):
+        warnings.warn(f"{spec} has random weights (no --weights given): its heatmaps explain an untrained "
+                      "network", RandomWeightsWarning, stacklevel=2)
+    return model.eval()
+
+
+_CONV_DIMS = ((nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3))
+
+
+def input_spec(model: nn.Module) -> InputSpec | None:
+    """What the first weighted layer (in registration order) takes, or None if there is none."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            return InputSpec(0, module.in_features, name)
+        for conv_type, dims in _CONV_DIMS:
+            if isinstance(module, conv_type):
+                return InputSpec(dims, module.in_channels, name)
+    return None
+
+
+def check_channels(spec: InputSpec | None, channels: int, source: str, fix: str) -> None:
+    """Raise a one-line ValueError when ``source`` has another channel count than the model takes."""
+    if spec is None or spec.spatial_dims == 0 or spec.channels == channels:
+        return
+    raise ValueError(f"{source} has {channels} channel{'s' * (channels != 1)} but the model's first layer "
+                     f"{spec.layer or '(root)'} expects {spec.channels}; {fix}")
+
+
+def check_spatial_dims(spec: InputSpec | None, wanted: tuple, what: str, fix: str) -> None:
+    """Raise when the model's first convolution is not of a kind ``what`` can feed."""
+    if spec is not None and spec.spatial_dims not in wanted:
+        kind = "a linear layer" if spec.spatial_dims == 0 else f"a Conv{spec.spatial_dims}d"
+        raise ValueError(f"the model's first layer {spec.layer} is {kind}; {what} needs "
+                         f"{' or '.join(f'Conv{d}d' for d in wanted)} input; {fix}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name} asked for but CUDA is not available here; use --device cpu")
+    return device

@@ -1,0 +1,116 @@
+"""``fastlrp volume``: explain a NIfTI volume with a 3D network.
+
+The input is [X, Y, Z] (one channel) or [X, Y, Z, C] (channels last, as NIfTI stores
+them); the model sees [1, C, X, Y, Z]. The output NIfTI holds the relevance summed over
+channels, float32 [X, Y, Z], with the input's affine and a copy of its header (data type
+and intensity scaling updated), so it lies on the input in any viewer. A PNG shows three
+orthogonal slices through the voxel of largest |relevance|.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import models, viz
+from ..extras import require
+from .common import Preprocessing, check_input_file, make_explainer
+
+INTENSITY = ("zscore", "minmax", "none")
+
+
+def read_volume(nib, path: Path):
+    check_input_file(path, "a NIfTI file")
+    try:
+        image = nib.load(str(path))
+        data = np.asarray(image.dataobj, dtype=np.float32)
+    except Exception as err:  # nibabel raises many types for a bad file; all mean "not readable"
+        raise ValueError(f"cannot read {path} as NIfTI ({type(err).__name__}: {err}); "
+                         "give a .nii or .nii.gz file") from None
+    if data.ndim not in (3, 4):
+        raise ValueError(f"{path} has shape {data.shape}; expected [X, Y, Z] or [X, Y, Z, C]")
+    return image, data
+
+
+def scale_intensity(data: np.ndarray, mode: str) -> np.ndarray:
+    """Per channel: ``zscore`` (mean 0, std 1), ``minmax`` (into [0, 1]) or ``none``."""
+    if mode == "none":
+        return data
+    axes = (0, 1, 2)
+    if mode == "zscore":
+        std = data.std(axis=axes, keepdims=True)
+        return (data - data.mean(axis=axes, keepdims=True)) / np.where(std > 0, std, 1.0)
+    if mode == "minmax":
+        low, high = data.min(axis=axes, keepdims=True), data.max(axis=axes, keepdims=True)
+        return (data - low) / np.where(high > low, high - low, 1.0)
+    raise ValueError(f"--intensity must be one of {INTENSITY}, got {mode!r}")
+
+
+def slices_png(path: Path, volume: np.ndarray, relevance: np.ndarray, cmap: str = "bwr", alpha: float = 0.6,
+               percentile: float | None = None) -> tuple:
+    """Three orthogonal slices through the voxel of largest |relevance|, each the grey volume
+    under the relevance heatmap, side by side with titles. Returns the voxel."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    centre = np.unravel_index(np.abs(relevance).argmax(), relevance.shape)
+    low, high = np.percentile(volume, (1, 99))
+    grey = np.clip((volume - low) / (high - low if high > low else 1.0), 0, 1)
+    scale = float(np.percentile(np.abs(relevance), percentile) if percentile else np.abs(relevance).max())
+    figure = Figure(figsize=(9, 3.4), dpi=100)
+    for axis in range(3):
+        def plane(array):  # rotated so the slice's second axis runs up the picture
+            return np.rot90(np.take(array, centre[axis], axis=axis))
+
+        heat = viz.heatmap(plane(relevance), cmap=cmap, scale=scale)  # one scale: panels compare
+        panel = figure.add_subplot(1, 3, axis + 1)
+        panel.imshow(viz.overlay(plane(grey), heat, alpha), interpolation="nearest")
+        panel.set_title(f"axis {axis} = {centre[axis]}", fontsize=9)
+        panel.axis("off")
+    figure.suptitle(f"relevance at voxel {tuple(int(c) for c in centre)}", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+    return tuple(int(c) for c in centre)
+
+
+def explain_volume(in_path, out_path, model_spec: str, weights=None, num_classes=None, composite="epsilon_plus",
+                   target="pred", intensity="zscore", png=None, cmap="bwr", alpha=0.6, percentile=None,
+                   device="auto") -> dict:
+    """Write the relevance of ``in_path`` as NIfTI to ``out_path`` and a slices PNG; return a summary."""
+    nib = require("nibabel", "volume")
+    in_path, out_path = Path(in_path), Path(out_path)
+    if not out_path.name.endswith((".nii", ".nii.gz")):
+        raise ValueError(f"--out {out_path} must end in .nii or .nii.gz")
+    if not out_path.parent.exists():
+        raise FileNotFoundError(f"folder {out_path.parent} for --out does not exist")
+    model = models.load_model(model_spec, weights, num_classes)
+    spec = models.input_spec(model)
+    models.check_spatial_dims(spec, (3,), "volume", "give a 3D network (first layer Conv3d)")
+    image, data = read_volume(nib, in_path)
+    channels = 1 if data.ndim == 3 else data.shape[3]
+    models.check_channels(spec, channels, f"volume {in_path.name}",
+                          "use a model whose first Conv3d takes that many channels")
+    voxels = data if data.ndim == 4 else data[..., None]
+    scaled = scale_intensity(voxels, intensity)
+    dev = models.resolve_device(device)
+    model = model.to(dev)
+    explainer = make_explainer(model, composite, Preprocessing(), channels)
+    x = torch.from_numpy(np.ascontiguousarray(scaled.transpose(3, 0, 1, 2)))[None].to(dev)
+    result = explainer.explain(x, None if target == "pred" else target)
+    relevance = result.relevance[0].sum(0).detach().cpu().numpy().astype(np.float32)
+
+    header = image.header.copy()
+    header.set_data_dtype(np.float32)
+    out_image = nib.Nifti1Image(relevance, image.affine, header)
+    out_image.header.set_slope_inter(1.0, 0.0)  # the input's intensity scaling must not rescale relevance
+    nib.save(out_image, str(out_path))
+
+    png_path = Path(png) if png else out_path.with_name(out_path.name.split(".nii")[0] + "_slices.png")
+    centre = slices_png(png_path, scaled[..., 0] if channels == 1 else scaled.mean(3), relevance, cmap, alpha,
+                        percentile)
+    logits = result.output[0]
+    explained = int(logits.argmax()) if target == "pred" else int(target)
+    return {"out": str(out_path), "png": str(png_path), "shape": list(relevance.shape), "prediction":
+            int(logits.argmax()), "target": explained, "target_logit": float(logits[explained]),
+            "relevance_sum": float(relevance.sum()), "peak_voxel": list(centre)}

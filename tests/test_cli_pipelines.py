@@ -1,0 +1,445 @@
+"""The command line end to end on small generated inputs: explain, video, volume, dataset
+(one process, two torchrun processes, resumed after a kill), demo report, bench, and the
+one-line errors. Models are the tiny factories of cli_tiny_models.py."""
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastlrp.cli import main
+
+TESTS = Path(__file__).resolve().parent
+PYTHON_DIR = TESTS.parent / "python"
+TINY = "cli_tiny_models:tiny_cnn"
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, out, err, *fragments):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastlrp: error:"), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def write_image(path, size=(20, 24), mode="RGB", seed=0):
+    rng = np.random.default_rng(seed)
+    shape = size if mode == "L" else (*size, 3)
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(path)
+    return path
+
+
+def subprocess_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(PYTHON_DIR), str(TESTS), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+# --- explain ---------------------------------------------------------------------------
+
+def test_explain_writes_heatmaps_overlays_and_predictions(tmp_path, capsys):
+    images = [write_image(tmp_path / "a.png", seed=1), write_image(tmp_path / "b.png", size=(18, 18), seed=2)]
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    images.append(write_image(sub / "a.png", seed=3))  # same name, other folder
+    out = tmp_path / "out"
+    code, printed, err = run_cli(capsys, "explain", *images, "--model", TINY, "--out", out, "--target", "2")
+    assert code == 0, err
+    report = json.loads((out / "predictions.json").read_text())
+    assert [r["path"] for r in report["images"]] == [str(p) for p in images]
+    model = __import__("cli_tiny_models").tiny_cnn()
+    for record, path in zip(report["images"], images):
+        with Image.open(path) as im:
+            pixels = torch.from_numpy(np.asarray(im.convert("RGB"), np.float32) / 255).permute(2, 0, 1)[None]
+            size = im.size
+        with torch.no_grad():
+            logits = model(pixels)[0]
+        assert record["prediction"] == int(logits.argmax()) and record["target"] == 2
+        assert record["target_logit"] == pytest.approx(float(logits[2]), rel=1e-5)
+        for key in ("heatmap", "overlay"):
+            with Image.open(out / record[key]) as im:
+                assert im.size == size and im.mode == "RGB"
+                assert np.asarray(im).std() > 0
+    assert {r["heatmap"] for r in report["images"]} == {"a_heatmap.png", "b_heatmap.png", "a-1_heatmap.png"}
+    assert str(out / "predictions.json") in printed
+
+
+def test_explain_torchvision_name_warns_random_weights_and_loads_weights(tmp_path, capsys):
+    pytest.importorskip("torchvision")
+    image = write_image(tmp_path / "x.png", size=(32, 32))
+    from fastlrp.models import RandomWeightsWarning
+
+    with pytest.warns(RandomWeightsWarning, match="resnet18 has random weights"):
+        code, _, err = run_cli(capsys, "explain", image, "--model", "resnet18", "--num-classes", "4",
+                               "--out", tmp_path / "o1")
+    assert code == 0, err
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=4)
+    torch.nn.init.normal_(model.fc.bias)  # weights that differ from any fresh random init
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RandomWeightsWarning)  # loaded weights: no warning
+        code, _, err = run_cli(capsys, "explain", image, "--model", "resnet18", "--num-classes", "4",
+                               "--weights", tmp_path / "w.pt", "--out", tmp_path / "o2")
+    assert code == 0, err
+    record = json.loads((tmp_path / "o2" / "predictions.json").read_text())["images"][0]
+    from fastlrp.pipelines.common import IMAGENET_MEAN, IMAGENET_STD, load_image
+
+    x = (load_image(image, 3)[None] - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    with torch.no_grad():
+        assert record["target_logit"] == pytest.approx(float(model.eval()(x).max()), rel=1e-4)
+
+
+@pytest.mark.parametrize("case, fragments", [
+    ("missing image", ["does not exist"]),
+    ("folder as image", ["is a folder"]),
+    ("unreadable image", ["cannot read", "not an image file"]),
+    ("unknown model", ["unknown model 'no_such_net'", "module:function"]),
+    ("bad factory module", ["cannot import 'no_such_module'", "PYTHONPATH"]),
+    ("factory not a module", ["returned str"]),
+    ("grey image, RGB model", ["has 1 channel", "expects 3", "--convert RGB"]),
+    ("RGB image, grey model", ["has 3 channels", "expects 1", "--convert L"]),
+    ("missing weights", ["weights file", "does not exist"]),
+    ("garbage weights", ["cannot read weights", "state dict"]),
+    ("unknown composite", ["unknown composite 'nope'"]),
+    ("bad target", ["--target must be"]),
+])
+def test_explain_errors_are_one_line(tmp_path, capsys, case, fragments):
+    rgb = write_image(tmp_path / "rgb.png")
+    grey = write_image(tmp_path / "grey.png", mode="L")
+    (tmp_path / "junk.png").write_bytes(b"this is not a png")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    args = {
+        "missing image": [tmp_path / "nope.png", "--model", TINY],
+        "folder as image": [tmp_path, "--model", TINY],
+        "unreadable image": [tmp_path / "junk.png", "--model", TINY],
+        "unknown model": [rgb, "--model", "no_such_net"],
+        "bad factory module": [rgb, "--model", "no_such_module:make"],
+        "factory not a module": [rgb, "--model", "cli_tiny_models:not_a_model"],
+        "grey image, RGB model": [grey, "--model", TINY],
+        "RGB image, grey model": [rgb, "--model", "cli_tiny_models:tiny_gray_cnn"],
+        "missing weights": [rgb, "--model", TINY, "--weights", tmp_path / "none.pt"],
+        "garbage weights": [rgb, "--model", TINY, "--weights", tmp_path / "junk.pt"],
+        "unknown composite": [rgb, "--model", TINY, "--composite", "nope"],
+        "bad target": [rgb, "--model", TINY, "--target", "first"],
+    }[case]
+    code, out, err = run_cli(capsys, "explain", *args, "--out", tmp_path / "out")
+    assert_one_line_error(code, out, err, *fragments)
+
+
+def test_convert_fixes_channel_mismatch(tmp_path, capsys):
+    grey = write_image(tmp_path / "grey.png", mode="L")
+    code, _, err = run_cli(capsys, "explain", grey, "--model", TINY, "--convert", "RGB", "--out", tmp_path / "o")
+    assert code == 0, err
+
+
+def test_traceback_flag_shows_the_traceback(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        main(["--traceback", "explain", str(tmp_path / "nope.png"), "--model", TINY])
+
+
+def test_every_command_has_help(capsys):
+    for command in ("demo", "explain", "video", "volume", "dataset", "bench"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert f"usage: fastlrp {command}" in capsys.readouterr().out
+
+
+# --- video -----------------------------------------------------------------------------
+
+def write_video(path, frames=8, size=(32, 32)):
+    av = pytest.importorskip("av")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.height, stream.width = size
+        stream.pix_fmt = "yuv420p"
+        for t in range(frames):
+            pixels = np.zeros((*size, 3), np.uint8)
+            pixels[:, 4 * t : 4 * t + 4] = 255  # a bar moving right
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def decode(path):
+    import av
+
+    with av.open(str(path)) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
+@pytest.mark.parametrize("model, options", [
+    (TINY, ["--batch-size", "3"]),  # 8 frames: batches of 3, 3, 2
+    ("cli_tiny_models:tiny_clip_cnn", ["--clip-length", "3"]),  # 3D clips, the last one padded
+])
+def test_video_round_trip(tmp_path, capsys, model, options):
+    source = write_video(tmp_path / "in.avi", frames=8, size=(32, 48))
+    out = tmp_path / "out.mp4"
+    code, printed, err = run_cli(capsys, "video", source, "--model", model, "--out", out, *options)
+    assert code == 0, err
+    frames = decode(out)
+    assert len(frames) == 8 and all(f.shape == (32, 48, 3) for f in frames)
+    assert "8 frames 48x32" in printed and re.search(r"[\d.]+ frames/s", printed)
+    assert np.std(frames[0]) > 0
+
+
+def test_video_errors(tmp_path, capsys):
+    pytest.importorskip("av")
+    (tmp_path / "junk.mp4").write_bytes(b"\x00" * 100)
+    source = write_video(tmp_path / "in.avi", frames=2)
+    cases = [
+        ([tmp_path / "none.mp4", "--model", TINY, "--out", tmp_path / "o.mp4"], ["does not exist"]),
+        ([tmp_path / "junk.mp4", "--model", TINY, "--out", tmp_path / "o.mp4"], ["cannot read video"]),
+        ([source, "--model", "cli_tiny_models:tiny_gray_cnn", "--out", tmp_path / "o.mp4"], ["--convert L"]),
+        ([source, "--model", "cli_tiny_models:tiny_volume_cnn", "--out", tmp_path / "o.mp4"],
+         ["has 3 channels", "expects 1"]),
+        ([source, "--model", TINY, "--out", tmp_path / "o.xyz"], ["end --out with one of"]),
+    ]
+    for args, fragments in cases:
+        assert_one_line_error(*run_cli(capsys, "video", *args), *fragments)
+    assert not (tmp_path / "o.mp4").exists()  # no half-written output left behind
+
+
+# --- volume ----------------------------------------------------------------------------
+
+def test_volume_keeps_affine_and_header(tmp_path, capsys):
+    nib = pytest.importorskip("nibabel")
+    affine = np.array([[2.0, 0, 0, -10], [0, 1.5, 0, 5], [0, 0, 3, 1], [0, 0, 0, 1]])
+    data = np.random.default_rng(0).normal(size=(10, 12, 8)).astype(np.float32)
+    source = nib.Nifti1Image(data, affine)
+    source.header["descrip"] = b"test volume"
+    source.header.set_xyzt_units("mm", "sec")
+    nib.save(source, tmp_path / "in.nii.gz")
+    code, printed, err = run_cli(capsys, "volume", tmp_path / "in.nii.gz", "--model", "cli_tiny_models:tiny_volume_cnn",
+                                 "--out", tmp_path / "rel.nii.gz", "--target", "1")
+    assert code == 0, err
+    result = nib.load(tmp_path / "rel.nii.gz")
+    assert result.shape == data.shape and np.allclose(result.affine, affine)
+    assert result.header["descrip"].tobytes().rstrip(b"\x00") == b"test volume"
+    assert result.header.get_xyzt_units() == ("mm", "sec")
+    assert result.get_data_dtype() == np.float32
+    # The relevance is the explainer's, on the z-scored volume, summed over the one channel.
+    import fastlrp
+    from cli_tiny_models import tiny_volume_cnn
+
+    x = torch.from_numpy((data - data.mean()) / data.std())[None, None]
+    expected = fastlrp.LRP(tiny_volume_cnn())(x, 1)[0, 0].numpy()
+    np.testing.assert_allclose(result.get_fdata(), expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+    with Image.open(tmp_path / "rel_slices.png") as im:
+        assert im.format == "PNG" and im.size[0] > im.size[1] > 100
+    assert "rel_slices.png" in printed
+
+
+def test_volume_errors(tmp_path, capsys):
+    nib = pytest.importorskip("nibabel")
+    nib.save(nib.Nifti1Image(np.zeros((6, 6, 6, 2), np.float32), np.eye(4)), tmp_path / "two.nii.gz")
+    (tmp_path / "junk.nii.gz").write_bytes(b"junk")
+    volume_net = "cli_tiny_models:tiny_volume_cnn"
+    cases = [
+        ([tmp_path / "none.nii.gz", "--model", volume_net], ["does not exist"]),
+        ([tmp_path / "junk.nii.gz", "--model", volume_net], ["cannot read", "NIfTI"]),
+        ([tmp_path / "two.nii.gz", "--model", volume_net], ["has 2 channels", "expects 1"]),
+        ([tmp_path / "two.nii.gz", "--model", TINY], ["Conv2d", "3D network"]),
+    ]
+    for args, fragments in cases:
+        assert_one_line_error(*run_cli(capsys, "volume", *args, "--out", tmp_path / "o.nii.gz"), *fragments)
+
+
+# --- dataset ---------------------------------------------------------------------------
+
+def make_image_folder(root, per_class=5, size=(16, 16)):
+    for k, name in enumerate(("cat", "dog")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            write_image(root / name / f"{i}.png", size=size, seed=10 * k + i)
+    return root
+
+
+def read_h5(path):
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return {key: f[key][()] for key in f}, dict(f.attrs)
+
+
+def run_dataset(args, torchrun=False, extra_env=None):
+    env = subprocess_env()
+    env.update(extra_env or {})
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun
+                else [sys.executable])
+    return subprocess.run([*launcher, "-m", "fastlrp.cli", "dataset", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    pytest.importorskip("h5py")
+    return make_image_folder(tmp_path_factory.mktemp("data") / "images")
+
+
+@pytest.fixture(scope="module")
+def one_process_h5(image_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "heatmaps.h5"
+    assert main(["dataset", str(image_folder), "--model", TINY, "--out", str(out), "--batch-size", "3",
+                 "--target", "label"]) == 0
+    return out
+
+
+def test_dataset_layout(one_process_h5, image_folder):
+    data, attrs = read_h5(one_process_h5)
+    assert data["relevance"].shape == (10, 16, 16) and data["relevance"].dtype == np.float32
+    assert [p.decode() for p in data["paths"]] == [f"{c}/{i}.png" for c in ("cat", "dog") for i in range(5)]
+    assert data["labels"].tolist() == [0] * 5 + [1] * 5 and data["targets"].tolist() == data["labels"].tolist()
+    assert json.loads(attrs["classes"]) == ["cat", "dog"] and attrs["layout_version"] == 1
+    import fastlrp
+    from cli_tiny_models import tiny_cnn
+    from fastlrp.pipelines.common import load_image
+
+    model = tiny_cnn()
+    x = torch.stack([load_image(image_folder / "dog" / "2.png", 3)])
+    assert data["predictions"][7] == int(model(x).argmax())
+    expected = fastlrp.LRP(model)(x, 1)[0].sum(0).numpy()
+    np.testing.assert_allclose(data["relevance"][7], expected, rtol=1e-4, atol=1e-7)
+    assert not list(one_process_h5.parent.glob("*.part*"))  # shards merged and removed
+
+
+def test_dataset_two_torchrun_processes_match_one(one_process_h5, image_folder, tmp_path):
+    out = tmp_path / "two.h5"
+    done = run_dataset([image_folder, "--model", TINY, "--out", out, "--batch-size", "2", "--target", "label"],
+                       torchrun=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout
+    one, _ = read_h5(one_process_h5)
+    two, _ = read_h5(out)
+    for key in ("paths", "labels", "predictions", "targets"):
+        assert (one[key] == two[key]).all(), key
+    np.testing.assert_allclose(two["relevance"], one["relevance"], rtol=1e-5, atol=1e-7)
+
+
+def test_dataset_resumes_after_a_kill(one_process_h5, image_folder, tmp_path, capsys):
+    out = tmp_path / "resumed.h5"
+    args = [image_folder, "--model", TINY, "--out", out, "--batch-size", "3", "--target", "label"]
+    killed = run_dataset(args, extra_env={"FASTLRP_TEST_CRASH_AFTER_BATCHES": "2"})
+    assert killed.returncode != 0 and not out.exists()
+    shard = out.with_name("resumed.h5.part0-of-1")
+    partial, _ = read_h5(shard)
+    assert partial["done"].sum() == 6  # two batches of three were written before the kill
+    # The rerun does the other four only, and the result equals an uninterrupted run.
+    code, printed, err = run_cli(capsys, "dataset", *args)
+    assert code == 0, err
+    assert "4 explained here, 6 already done" in printed
+    resumed, _ = read_h5(out)
+    one, _ = read_h5(one_process_h5)
+    np.testing.assert_allclose(resumed["relevance"], one["relevance"], rtol=1e-6, atol=0)
+    assert (resumed["predictions"] == one["predictions"]).all() and not shard.exists()
+    # A finished file is left alone; other settings are refused rather than mixed in.
+    assert run_cli(capsys, "dataset", *args)[1].count("10 already done") == 1
+    assert_one_line_error(*run_cli(capsys, "dataset", *args[:-1], "pred"), "already exists with other settings")
+
+
+def test_dataset_errors(tmp_path, capsys, image_folder):
+    pytest.importorskip("h5py")
+    (tmp_path / "empty").mkdir()
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    write_image(mixed / "a.png", size=(16, 16))
+    write_image(mixed / "b.png", size=(12, 16))
+    cases = [
+        ([tmp_path / "none"], ["does not exist"]),
+        ([tmp_path / "empty"], ["no images"]),
+        ([mixed], ["differ in size", "--size"]),
+        ([mixed, "--size", "8", "--target", "label"], ["--target label needs an ImageFolder"]),
+        ([image_folder, "--model", "cli_tiny_models:tiny_gray_cnn"], ["expects 1", "--convert L"]),
+    ]
+    for args, fragments in cases:
+        model = [] if "--model" in args else ["--model", TINY]
+        code, out, err = run_cli(capsys, "dataset", *args, *model, "--out", tmp_path / "o.h5")
+        assert_one_line_error(code, out, err, *fragments)
+
+
+# --- demo report -----------------------------------------------------------------------
+
+def test_demo_report_embeds_its_images_and_names_the_artefact(tmp_path, capsys):
+    code, printed, err = run_cli(capsys, "demo", "--out", tmp_path, "--n", "6", "--seed", "0")
+    assert code == 0, err
+    report = tmp_path / "report.html"
+    assert f"report: {report}" in printed
+    text = report.read_text()
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
+    assert len(images) >= 2
+    import io
+
+    sizes = []
+    for encoded in images:
+        with Image.open(io.BytesIO(base64.b64decode(encoded))) as im:
+            assert im.format == "PNG"
+            sizes.append(im.size)
+    assert max(w for w, _ in sizes) > 6 * 32  # the grid: input plus six methods per row
+    for method in ("epsilon_plus", "epsilon_gamma_box", "gradient x input"):
+        assert method in text
+    assert "The watermark is found" in text and "Clever-Hans" in text
+    assert not re.search(r'src="(?!data:)', text)  # nothing outside the file
+
+
+def test_report_sections_are_a_list_of_title_html(tmp_path):
+    from fastlrp.report import image_html, table_html, write_report
+
+    sections = [("First", "<p>one</p>"), ("Second & more", table_html(["a", "b"], [[1, 0.5]])),
+                ("Picture", image_html(np.zeros((4, 5, 3), np.uint8), "zeros"))]
+    text = write_report(tmp_path / "r.html", "T", sections).read_text()
+    assert text.index("<h2>First</h2>") < text.index("<h2>Second &amp; more</h2>") < text.index("<h2>Picture</h2>")
+    assert '<td class="num">0.5</td>' in text
+
+
+# --- bench -----------------------------------------------------------------------------
+
+def test_bench_command_writes_a_result_file(tmp_path, capsys):
+    pytest.importorskip("torchvision")
+    code, printed, err = run_cli(capsys, "bench", "--models", "r3d_18", "--composites", "epsilon_plus",
+                                 "--providers", "fastlrp:reference", "--video-size", "16", "--frames", "2", "--repeats", "1",
+                                 "--no-memory", "--device", "cpu", "--out", tmp_path)
+    assert code == 0, err
+    (result,) = tmp_path.glob("lrp-cpu-*.json")
+    rows = json.loads(result.read_text())["rows"]
+    providers = {row["provider"]: row for row in rows}
+    assert {"forward", "gradient", "fastlrp:reference"} <= set(providers)
+    assert providers["fastlrp:reference"]["status"] == "ok" and providers["fastlrp:reference"]["ratio_to_grad"] > 0
+    assert "wrote" in printed
+
+
+def test_bench_script_keeps_its_command_line():
+    script = TESTS.parent / "bench" / "bench_lrp.py"
+    done = subprocess.run([sys.executable, str(script), "--help"], env=subprocess_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "--gpu" in done.stdout and "--providers" in done.stdout
+
+
+@pytest.mark.parametrize("command, module, extra", [("video", "av", "video"), ("volume", "nibabel", "volume"),
+                                                    ("dataset", "h5py", "dataset")])
+def test_missing_extra_names_the_pip_command(tmp_path, capsys, monkeypatch, command, module, extra):
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail as if not installed
+    target = tmp_path / "in"
+    target.mkdir()
+    code, out, err = run_cli(capsys, command, target, "--model", TINY, "--out", tmp_path / "o.mp4")
+    assert_one_line_error(code, out, err, f'pip install "fastlrp[{extra}]"')
