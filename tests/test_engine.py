@@ -249,3 +249,13 @@ def test_torchvision_models_explain(arch, shape):
     ratio = (result.relevance.sum((1, 2, 3) if x.ndim == 4 else (1, 2, 3, 4)) / result.output[:, 3]).abs()
     assert (ratio > 1e-3).all() and (ratio < 1e3).all()
     assert_unchanged(model, snap)
+
+
+def test_flatten_before_the_first_linear_layer_is_accepted():
+    """The input-shape check applies only to a linear layer that reads the input directly."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).eval()
+    x = torch.randn(2, 1, 3, 4)
+    relevance = fastlrp.LRP(model, "epsilon_plus")(x, 1)
+    assert relevance.shape == x.shape
+    with pytest.raises(ValueError, match=r"\[\.\.\., 12\]"):
+        fastlrp.LRP(torch.nn.Sequential(torch.nn.Linear(12, 3)).eval())(torch.randn(2, 5), 0)

@@ -103,6 +103,7 @@ class LRP:
         self._sites = {m.site: m for m in self.graph_module.modules() if isinstance(m, RelevanceLayer)}
         for layer in self._sites.values():
             layer.backend = self.backend
+        self._input_layer = _layer_reading_input(self.graph_module)
 
     @property
     def layer_names(self) -> list:
@@ -159,10 +160,20 @@ class LRP:
             if param.dtype != x.dtype:
                 raise TypeError(f"input dtype {x.dtype} does not match the model's parameters ({param.dtype}); "
                                 f"use x.to({param.dtype}) or model.to({x.dtype})")
-        first = next((m for m in self.graph_module.modules() if isinstance(m, RelevanceLayer)
-                      and hasattr(m, "op")), None)
-        if first is not None:
-            _check_first_layer(first, x)
+        if self._input_layer is not None:
+            _check_first_layer(self._input_layer, x)
+
+
+def _layer_reading_input(gm) -> RelevanceLayer | None:
+    """The linear layer that takes the model's input directly (its shape is checked before a
+    call, for a clear error); None when something (a flatten, a reshape) comes first."""
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    for user in placeholder.users:
+        if user.op == "call_module":
+            layer = gm.get_submodule(user.target)
+            if hasattr(layer, "op") and user.args and user.args[0] is placeholder:
+                return layer
+    return None
 
 
 def _check_first_layer(layer, x):
