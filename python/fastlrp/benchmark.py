@@ -307,15 +307,21 @@ def _zennit_canonizers(model_name):
     from zennit.torchvision import ResNetCanonizer, VGGCanonizer
     if model_name == "r3d_18":  # its BatchNorms follow their convs inside nn.Sequential
         return CompositeCanonizer([SequentialMergeBatchNorm(), _video_block_canonizer()])
+    if model_name == "densenet121":  # only conv0 -> norm0 merges; the other norms precede a ReLU
+        return SequentialMergeBatchNorm()
     return {"vgg16": VGGCanonizer, "resnet50": ResNetCanonizer}[model_name]()
 
 
 MODELS = {
     "vgg16": lambda: _torchvision().models.vgg16(weights=None),
     "resnet50": lambda: _torchvision().models.resnet50(weights=None),
+    "densenet121": lambda: _torchvision().models.densenet121(weights=None),
     "r3d_18": lambda: _torchvision().models.video.r3d_18(weights=None),
 }
 VIDEO_MODELS = {"r3d_18"}
+# DenseNet calls F.relu and F.adaptive_avg_pool2d; Zennit's hooks see only modules, so these
+# keep their gradient there. The same choice for fastlrp keeps the two computing one thing.
+FASTLRP_OPTIONS = {"densenet121": {"functional_rules": False}}
 
 
 # Rows whose provider runs but computes something else than the composite's definition;
@@ -359,9 +365,10 @@ def gradient_provider(model, **_):
 
 
 @contextlib.contextmanager
-def fastlrp_provider(model, composite, backend, **_):
+def fastlrp_provider(model, composite, backend, model_name=None, **_):
     import fastlrp
-    explainer = fastlrp.LRP(model, composite=composite, backend=backend, **COMPOSITES[composite][1])
+    explainer = fastlrp.LRP(model, composite=composite, backend=backend, **COMPOSITES[composite][1],
+                            **FASTLRP_OPTIONS.get(model_name, {}))
     yield explainer
 
 
@@ -503,7 +510,7 @@ def bench_model(name, args, providers, skip_note):
                 cm = captum_provider(frozen_copy(model), composite=composite)
             else:
                 cm = fastlrp_provider(frozen_copy(model), composite=composite,
-                                      backend=provider.split(":", 1)[1])
+                                      backend=provider.split(":", 1)[1], model_name=name)
             record(new_row(composite, provider), cm, reference)
         if skip_note:  # keep the gap visible in the table rather than silently absent
             rows.append(new_row(composite, "fastlrp"))

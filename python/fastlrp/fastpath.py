@@ -125,6 +125,12 @@ class BlockRule:
         self.z_is_output = (isinstance(rule, Epsilon) and len(parts) == 1 and parts[0].modifier == "x"
                             and parts[0].bias is bias)
         self._free_cache = {}
+        # The parts of AlphaBeta and Gamma add up to a multiple of the layer itself
+        # (W+ + W- = W; W_up + W_dn = (2 + gamma) W, biases alike), so their z already hold the
+        # output: one convolution fewer per call. It equals f(x; W, b) up to rounding.
+        self.output_divisor = {AlphaBeta: 1.0, Gamma: 2.0 + getattr(rule, "gamma", 0.0)}.get(type(rule))
+        if self.output_divisor is not None and not _use_bias(rule.zero_params) and bias is not None:
+            self.output_divisor = None  # the parts lack the bias the output has
 
     def _columns(self, modifiers, c_in):
         if not modifiers:
@@ -143,6 +149,12 @@ class BlockRule:
             return torch.ones_like(x[:1])
         bound = self.rule.low if name == "low" else self.rule.high
         return broadcast_bound(bound, x[:1], name)
+
+    def output_from(self, z):
+        """The layer's output from the stacked z (only where ``output_divisor`` is set)."""
+        c_out = z.shape[1] // 2
+        total = z.narrow(1, 0, c_out) + z.narrow(1, c_out, c_out)
+        return total if self.output_divisor == 1.0 else total / self.output_divisor
 
     def z(self, x, output):
         """Every z_g, stacked along channels (N, G*C_out, ...)."""

@@ -42,8 +42,12 @@ class _BlockFunction(torch.autograd.Function):
     def forward(ctx, layer, x):
         weight, bias = layer.params()
         block = layer.block()
-        output = layer.op(x, weight, bias)
-        z = block.z(x, output)
+        if block.output_divisor is not None:
+            z = block.z(x, None)
+            output = block.output_from(z)
+        else:
+            output = layer.op(x, weight, bias)
+            z = block.z(x, output)
         ctx.block = block
         ctx.save_for_backward(x, z, output if block.uses_mask else None)
         return output
