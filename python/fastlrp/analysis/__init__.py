@@ -1,0 +1,6 @@
+"""Model analysis: what a model looks for (activation maximization, Deep Dream), which hidden
+channels and neuron groups carry a decision, and which training points a prediction rests on."""
+
+from .activation_max import (Channel, ClassLogit, ClassProbability, Direction, GaussianDensity,
+                             GaussianMixtureDensity, LayerEnergy, Neuron, Objective, Prototypes, RandomAffine,
+                             deep_dream, maximize_activation)
