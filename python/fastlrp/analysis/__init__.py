@@ -4,3 +4,6 @@ channels and neuron groups carry a decision, and which training points a predict
 from .activation_max import (Channel, ClassLogit, ClassProbability, Direction, GaussianDensity,
                              GaussianMixtureDensity, LayerEnergy, Neuron, Objective, Prototypes, RandomAffine,
                              deep_dream, maximize_activation)
+from .channels import (ChannelAttribution, SemanticDictionary, channel_attribution, channel_prototypes,
+                       semantic_dictionary)
+from .neuron_groups import NeuronGroups, neuron_groups, nmf
