@@ -7,3 +7,4 @@ from .activation_max import (Channel, ClassLogit, ClassProbability, Direction, G
 from .channels import (ChannelAttribution, SemanticDictionary, channel_attribution, channel_prototypes,
                        semantic_dictionary)
 from .neuron_groups import NeuronGroups, neuron_groups, nmf
+from .influence import Influence, influence
