@@ -298,3 +298,18 @@ def test_model_is_never_mutated_even_on_exception():
     maximize_activation(model, ClassLogit(1), generator=decoder, code=torch.zeros(1, 4), steps=2)
     assert decoder.training and all(p.grad is None for p in decoder.parameters())
     assert all(torch.equal(v, decoder.state_dict()[k]) for k, v in decoder_state.items())
+
+
+def test_plot_prototypes_grid():
+    import matplotlib.pyplot as plt
+
+    from fastlrp.analysis import plot_prototypes
+
+    images = torch.rand(5, 3, 32, 32)
+    fig = plot_prototypes(images, titles=[f"p{i}" for i in range(5)], columns=3)
+    shown = [ax for ax in fig.axes if ax.images]
+    assert len(fig.axes) == 6 and len(shown) == 5 and shown[4].get_title() == "p4"
+    assert shown[0].images[0].get_array().shape == (32, 32, 3)
+    plt.close(fig)
+    with pytest.raises(ValueError, match="titles"):
+        plot_prototypes(images, titles=["a"])

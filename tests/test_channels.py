@@ -124,3 +124,18 @@ def test_model_untouched_by_gradient_attribution(images):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert all(p.grad is None for p in model.parameters())
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_plot_channel_bars_shows_the_top_channels(explainer, images):
+    import matplotlib.pyplot as plt
+
+    from fastlrp.analysis import plot_channel_bars
+
+    result = channel_attribution(explainer, images, "relu5", target=1)
+    fig = plot_channel_bars(result, sample=2, top=6)
+    bars = fig.axes[0].patches
+    widths = sorted((abs(b.get_width()) for b in bars), reverse=True)
+    expected = result.per_channel[2].abs().sort(descending=True).values[:6]
+    torch.testing.assert_close(torch.tensor(widths, dtype=expected.dtype), expected)
+    assert "relu5" in fig.axes[0].get_title()
+    plt.close(fig)

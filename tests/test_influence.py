@@ -118,6 +118,15 @@ def test_last_layer_influence_on_the_demo_cnn():
     assert all(p.grad is None for p in model.parameters())
     assert all(not m._forward_hooks for m in model.modules())
 
+    import matplotlib.pyplot as plt
+
+    from fastlrp.analysis import plot_influential
+
+    fig = plot_influential(x, result, test=1, k=4)
+    titles = [ax.get_title() for ax in fig.axes if ax.images]
+    assert len(titles) == 8 and titles[0].startswith(f"#{int(result.most_helpful(1, test=1))}:")
+    plt.close(fig)
+
 
 @pytest.mark.parametrize("kwargs, error, words", [
     (dict(method="newton"), ValueError, "method"),

@@ -87,3 +87,14 @@ def test_a_group_holding_all_channels_takes_all_the_relevance(explainer, images)
 def test_bad_arguments_name_the_argument(explainer, images, call, error, words):
     with pytest.raises(error, match=words):
         call(explainer, images[:2])
+
+
+def test_plot_neuron_groups(four_groups, images):
+    import matplotlib.pyplot as plt
+
+    from fastlrp.analysis import plot_neuron_groups
+
+    fig = plot_neuron_groups(four_groups, image=images[0])
+    titled = [ax.get_title() for ax in fig.axes if ax.get_title().startswith("group")]
+    assert len(titled) == 4 and len([ax for ax in fig.axes if ax.images]) == 9
+    plt.close(fig)

@@ -5,7 +5,7 @@
     relevance = explainer(x, target)
 """
 
-from . import composites, layers, reference, rules
+from . import analysis, composites, layers, reference, rules
 from ._native import build_info
 from .composites import Composite
 from .engine import LRP, Explanation, available_backends, starting_relevance
@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LRP", "Explanation", "Composite", "UnsupportedLayerError", "available_backends", "build_info",
-    "starting_relevance", "composites", "layers", "reference", "rules",
+    "starting_relevance", "analysis", "composites", "layers", "reference", "rules",
     "AlphaBeta", "DeconvNet", "Epsilon", "Flat", "Gamma", "Gradient", "GuidedBackprop", "Norm", "Pass",
     "Proportional", "WSquare", "ZBox", "ZPlus",
 ]

@@ -8,3 +8,12 @@ from .channels import (ChannelAttribution, SemanticDictionary, channel_attributi
                        semantic_dictionary)
 from .neuron_groups import NeuronGroups, neuron_groups, nmf
 from .influence import Influence, influence
+from .plots import plot_channel_bars, plot_influential, plot_neuron_groups, plot_prototypes
+
+__all__ = [
+    "Channel", "ChannelAttribution", "ClassLogit", "ClassProbability", "Direction", "GaussianDensity",
+    "GaussianMixtureDensity", "Influence", "LayerEnergy", "Neuron", "NeuronGroups", "Objective", "Prototypes",
+    "RandomAffine", "SemanticDictionary", "channel_attribution", "channel_prototypes", "deep_dream", "influence",
+    "maximize_activation", "neuron_groups", "nmf", "plot_channel_bars", "plot_influential", "plot_neuron_groups",
+    "plot_prototypes", "semantic_dictionary",
+]
