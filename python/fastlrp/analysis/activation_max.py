@@ -104,16 +104,20 @@ class ClassLogit(Objective):
     def __init__(self, index):
         self.index = index
 
+    def _class_scores(self, output: torch.Tensor) -> torch.Tensor:
+        return output
+
     def __call__(self, activations):
         out = activations[OUTPUT]
+        name = type(self).__name__
         if out.ndim != 2:
-            raise ValueError(f"ClassLogit needs a model output of shape [N, classes], got {tuple(out.shape)}")
-        idx = _per_sample(self.index, out.shape[0], out.device, "ClassLogit index")
-        _check_range(idx, out.shape[1], "ClassLogit index", "classes")
-        return out.gather(1, idx[:, None])[:, 0]
+            raise ValueError(f"{name} needs a model output of shape [N, classes], got {tuple(out.shape)}")
+        idx = _per_sample(self.index, out.shape[0], out.device, f"{name} index")
+        _check_range(idx, out.shape[1], f"{name} index", "classes")
+        return self._class_scores(out).gather(1, idx[:, None])[:, 0]
 
     def __repr__(self):
-        return f"ClassLogit({self.index!r})"
+        return f"{type(self).__name__}({self.index!r})"
 
 
 class ClassProbability(ClassLogit):
@@ -121,16 +125,8 @@ class ClassProbability(ClassLogit):
     rise by lowering the other classes' logits (Simonyan et al. 2014 prefer the logit for that
     reason); the log keeps the gradient alive once the probability nears 1."""
 
-    def __call__(self, activations):
-        out = activations[OUTPUT]
-        if out.ndim != 2:
-            raise ValueError(f"ClassProbability needs a model output of shape [N, classes], got {tuple(out.shape)}")
-        idx = _per_sample(self.index, out.shape[0], out.device, "ClassProbability index")
-        _check_range(idx, out.shape[1], "ClassProbability index", "classes")
-        return out.log_softmax(1).gather(1, idx[:, None])[:, 0]
-
-    def __repr__(self):
-        return f"ClassProbability({self.index!r})"
+    def _class_scores(self, output):
+        return output.log_softmax(1)
 
 
 class Neuron(Objective):
