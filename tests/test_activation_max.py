@@ -12,6 +12,8 @@ from fastlrp.analysis.activation_max import gram_similarity, high_frequency_ener
 from fastlrp.demo import load_demo_model, make_dataset
 from fastlrp.demo.train import TRAIN_SEED
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 @pytest.fixture(scope="module")
 def model():
@@ -242,9 +244,11 @@ def test_bad_objectives_are_named(model, objective, words):
         maximize_activation(model, objective, shape=(1, 3, 32, 32), steps=1)
 
 
-class _Boom(ClassLogit):
+class _Boom(Channel):
+    """Reads a hidden layer (so hooks are in place) and fails on its third call, mid-run."""
+
     def __init__(self):
-        super().__init__(1)
+        super().__init__("relu5", 3)
         self.calls = 0
 
     def __call__(self, activations):
@@ -290,7 +294,7 @@ def test_model_is_never_mutated_even_on_exception():
     assert seen  # the user's hook keeps working during the run
 
     with pytest.raises(RuntimeError, match="boom"):
-        maximize_activation(model, _Boom(), shape=(1, 3, 32, 32), steps=5)
+        maximize_activation(model, _Boom(), shape=(2, 3, 32, 32), steps=5, diversity=1.0, diversity_layer="relu3")
     _assert_same(before, _snapshot(model))
 
     decoder = nn.Sequential(nn.Linear(4, 3 * 32 * 32), nn.Sigmoid(), nn.Unflatten(1, (3, 32, 32))).train()

@@ -8,6 +8,8 @@ from fastlrp.analysis import channel_attribution, channel_prototypes, semantic_d
 from fastlrp.analysis._model_guard import capturing_outputs
 from fastlrp.demo import load_demo_model, make_dataset
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 @pytest.fixture(scope="module")
 def model():

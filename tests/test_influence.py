@@ -12,6 +12,8 @@ from fastlrp.demo import load_demo_model, make_dataset
 
 N, D, WEIGHT_DECAY = 40, 4, 0.01
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def _bce(output, target):
     return F.binary_cross_entropy_with_logits(output, target)

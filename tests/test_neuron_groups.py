@@ -7,6 +7,8 @@ import fastlrp
 from fastlrp.analysis import channel_attribution, neuron_groups, nmf
 from fastlrp.demo import load_demo_model, make_dataset
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 @pytest.fixture(scope="module")
 def explainer():
