@@ -61,7 +61,7 @@ def test_class_prototypes_beat_every_training_image(model, training):
 def test_fourier_vs_pixel_steps_to_beat_training_set(model, training):
     """Measured, and documented in docs/model-analysis.md: on this model the 1/f Fourier
     parametrization does NOT reach the best training logit of class 1 in fewer steps than
-    pixels (pixels 6-7 steps, Fourier 8-9 at lr 0.05, seeds 0-2, no transforms). Class 1 rests
+    pixels (pixels 6, 6, 7 steps, Fourier 8, 8, 8 at lr 0.05, seeds 0-2, no transforms). Class 1 rests
     on the one-pixel checkerboard watermark, the highest frequency, which 1/f damps."""
     threshold = training["logits"][:, 1].max().item()
     steps = {}

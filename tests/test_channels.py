@@ -110,6 +110,7 @@ def test_channel_prototypes_excite_their_own_channel(model):
     (lambda m, x: channel_attribution("model", x, "relu5"), TypeError, "model must be"),
     (lambda m, x: channel_attribution(m, x.long(), "relu5"), TypeError, "x must be"),
     (lambda m, x: channel_attribution(m, x, "relu5", method="activation", epsilon=0.1), ValueError, "rule options"),
+    (lambda m, x: channel_attribution(fastlrp.LRP(m), x, "relu5", epsilon=0.1), ValueError, "existing LRP explainer"),
     (lambda m, x: semantic_dictionary(torch.rand(2, 4), k=1), ValueError, "positions"),
     (lambda m, x: semantic_dictionary(torch.rand(2, 4, 3, 3), k=5), ValueError, "k must be"),
 ])

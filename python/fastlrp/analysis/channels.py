@@ -89,6 +89,9 @@ def channel_attribution(model, x: torch.Tensor, layer: str, target=None, *, meth
     if isinstance(model, LRP):
         if method != "lrp":
             raise ValueError(f"an LRP explainer was given as model; method={method!r} needs the nn.Module itself")
+        if rule_options or composite != "epsilon_plus":
+            raise ValueError("composite and rule options cannot change an existing LRP explainer; "
+                             "build it with them or pass the nn.Module")
         return _lrp_attribution(model, x, layer, target)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module or a fastlrp.LRP explainer, got {type(model).__name__}")
