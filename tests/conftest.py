@@ -16,3 +16,13 @@ def pytest_collection_modifyitems(config, items):
 def _fresh_seed(request):
     # a distinct but reproducible seed per test: fresh inputs without flaky reruns
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a test module on one thread: for tiny tensors a second thread saves little and, on a shared CI
+    machine, stalls in synchronization."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
