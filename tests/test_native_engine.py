@@ -183,3 +183,25 @@ def test_cuda_matches_reference_in_every_dtype():
         got = fastlrp.LRP(m, "epsilon_gamma_box", backend="native", low=-3.0, high=3.0)(x.to(dtype), 1)
         err = (got.double() - expected).abs().max() / expected.abs().max()
         assert err < tol, (dtype, float(err))
+
+
+@pytest.mark.gpu
+def test_explanation_captured_in_a_cuda_graph():
+    model = Stack().eval().cuda()
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    model(x)
+    explainer = fastlrp.LRP(model, "epsilon_gamma_box", backend="native", low=-3.0, high=3.0)
+    static_x = x.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: block weights, window tables and caches are built here
+        for _ in range(2):
+            explainer(static_x, 1)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_relevance = explainer(static_x, 1)
+    static_x.copy_(x * 2)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(static_relevance, explainer(x * 2, 1), rtol=1e-4, atol=1e-5)
