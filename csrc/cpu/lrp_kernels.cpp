@@ -108,11 +108,27 @@ void combine_impl(const CombineArgs& a) {
     bound.push_back(a.modifier[k] == int(InputModifier::Tensor) ? row_view<T>(a.bound[k], swap) : x);
   }
   const int64_t N = x.size[0], C = x.size[1], S = x.size[2];
+  bool unit_stride = x.stride[2] == 1 && out.stride[2] == 1;
+  for (size_t k = 0; k < K; ++k) unit_stride = unit_stride && g[k].stride[2] == 1;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t c = 0; c < C; ++c) {
       const T* xr = row(x, n, c);
       T* o = row(out, n, c);
+      if (unit_stride) {  // one vectorizable sweep per part, accumulating in the output row
+        for (size_t k = 0; k < K; ++k) {
+          const T* gr = row(g[k], n, c);
+          const int mod = a.modifier[k];
+          const T* br = mod == int(InputModifier::Tensor) ? row(bound[k], n, c) : xr;
+          const int64_t bs = mod == int(InputModifier::Tensor) ? bound[k].stride[2] : 1;
+#pragma omp simd
+          for (int64_t s = 0; s < S; ++s) {
+            const T term = modified<T>(mod, xr[s], br[s * bs]) * gr[s];
+            o[s] = k == 0 ? term : o[s] + term;
+          }
+        }
+        continue;
+      }
       for (int64_t s = 0; s < S; ++s) {
         const T xv = xr[s * x.stride[2]];
         T acc = T(0);
