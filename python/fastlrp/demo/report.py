@@ -33,13 +33,16 @@ def gradient_maps(model, images: torch.Tensor, labels: torch.Tensor) -> dict:
     return {"gradient": grad.detach(), "gradient x input": (grad * images).detach()}
 
 
-def explain_all(model, images: torch.Tensor, labels: torch.Tensor) -> dict:
-    """{method name: relevance [N, 3, H, W]} for the LRP composites and the gradient baselines."""
+def explain_all(model, images: torch.Tensor, labels: torch.Tensor, known: dict | None = None) -> dict:
+    """{method name: relevance [N, 3, H, W]} for the LRP composites and the gradient baselines;
+    ``known`` maps already computed (same names) are taken as they are."""
     import fastlrp
 
     maps = {}
     for name, options in COMPOSITES:
-        maps[f"LRP {name}"] = fastlrp.LRP(model, composite=name, **options)(images, labels).detach()
+        key = f"LRP {name}"
+        maps[key] = known[key] if known and key in known else \
+            fastlrp.LRP(model, composite=name, **options)(images, labels).detach()
     maps.update(gradient_maps(model, images, labels))
     return maps
 
@@ -226,7 +229,7 @@ def spray_section(explainer, n: int, seed: int, method: str, batch_size: int = 2
                  "watermark_strategy": strategy[k]} for k in range(result.n_clusters)]
 
     tiles = [viz.upscale(viz.heatmap(p, percentile=99.5), SCALE) for p in result.prototypes]
-    captions = [f"cluster {k}: {sizes[k]} img, {fraction[k]:.0%} WM" for k in range(result.n_clusters)]
+    captions = [f"#{k} n={sizes[k]} WM {fraction[k]:.0%}" for k in range(result.n_clusters)]  # fits 96 px
     picture = viz.grid(tiles, captions, columns=min(4, len(tiles)), gap=8)
     rows = [[k, c["size"], c["watermark_fraction"], c["prototype_watermark_share"],
              "watermark" if c["watermark_strategy"] else "shape"] for k, c in enumerate(clusters)]

@@ -144,9 +144,11 @@ def run_demo(
     report_path, aopc, spray = None, None, None
     if report:
         from ..report import write_report
-        from .report import demo_sections, explain_all, pixel_flipping_section, spray_section
+        from .report import COMPOSITES, demo_sections, explain_all, pixel_flipping_section, spray_section
 
-        maps = explain_all(model, images, labels)
+        # The PNGs' explanation is one of the report's when made with the same options.
+        same = not rule_options and options == dict(COMPOSITES).get(composite)
+        maps = explain_all(model, images, labels, {f"LRP {composite}": relevance} if same else None)
         sections = demo_sections(model, images, labels, marked, records, maps)
         flipping, aopc = pixel_flipping_section(model, images, labels, maps, seed)
         # Other images than the batch's: a seed of their own, fixed by --seed.
