@@ -164,7 +164,16 @@ def _curves_figure(curves: dict):
     return figure
 
 
-def pixel_flipping_section(model, images: torch.Tensor, labels: torch.Tensor, maps: dict,
+def first_patch_on_watermark(relevance: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Per image, whether the patch pixel flipping perturbs first touches the watermark."""
+    from ..metrics import patch_ranks
+
+    ranks, _ = patch_ranks(relevance, FLIP_OPTIONS["patch_size"], "most_relevant_first",
+                           torch.Generator().manual_seed(seed))
+    return ((ranks == 0) & watermark_mask(relevance.shape[-1])).flatten(1).any(1)
+
+
+def pixel_flipping_section(model, images: torch.Tensor, labels: torch.Tensor, maps: dict, marked: torch.Tensor,
                            seed: int = 0) -> tuple[Section, dict]:
     """The pixel-flipping section and {method: AOPC} (the random baseline included)."""
     from ..report import figure_html
@@ -174,6 +183,10 @@ def pixel_flipping_section(model, images: torch.Tensor, labels: torch.Tensor, ma
     baseline = scores[RANDOM]
     rows = [[name, value, value - baseline] for name, value in sorted(scores.items(), key=lambda kv: -kv[1])]
     best = max((n for n in scores if n != RANDOM), key=scores.get)
+    marked = marked.bool()
+    on_mark = int(first_patch_on_watermark(maps[best][marked], seed).sum()) if marked.any() else 0
+    picks = (f"; on {on_mark} of the {int(marked.sum())} watermarked crosses, the first patch it blurs lies on "
+             "the watermark" if marked.any() else "")
     body = (
         "<p><b>Pixel flipping</b> asks whether a heatmap points at what the network actually uses. Each "
         "image is cut into 4x4-pixel patches; the patches the method calls most relevant are blurred "
@@ -182,8 +195,7 @@ def pixel_flipping_section(model, images: torch.Tensor, labels: torch.Tensor, ma
         "drops steeply at the left. The dashed line blurs patches in random order, the bar every method "
         "should clear. <b>AOPC</b> (area over the perturbation curve) is the mean drop of the logit over "
         f"the steps: larger is better. On these {len(images)} images, {html.escape(best)} has the "
-        f"largest AOPC ({scores[best]:.2f}, random order: {baseline:.2f}); on watermarked crosses, the "
-        "first patches it picks are the watermark's.</p>"
+        f"largest AOPC ({scores[best]:.2f}, random order: {baseline:.2f}){picks}.</p>"
         + figure_html(_curves_figure(curves), "pixel-flipping curves", dpi=PLOT_DPI, tight=False)
         + table_html(["method", "AOPC (logit drop, mean over steps)", "AOPC minus random order"], rows))
     return ("Pixel flipping: do the heatmaps point at what the network uses?", body), scores
@@ -231,7 +243,7 @@ def spray_section(explainer, n: int, seed: int, method: str, batch_size: int = 2
     tiles = [viz.upscale(viz.heatmap(p, percentile=99.5), SCALE) for p in result.prototypes]
     captions = [f"#{k} n={sizes[k]} WM {fraction[k]:.0%}" for k in range(result.n_clusters)]  # fits 96 px
     picture = viz.grid(tiles, captions, columns=min(4, len(tiles)), gap=8)
-    rows = [[k, c["size"], c["watermark_fraction"], c["prototype_watermark_share"],
+    rows = [[k, c["size"], f"{c['watermark_fraction']:.0%}", f"{c['prototype_watermark_share']:.0%}",
              "watermark" if c["watermark_strategy"] else "shape"] for k, c in enumerate(clusters)]
 
     on_mark = [k for k in range(result.n_clusters) if strategy[k]]

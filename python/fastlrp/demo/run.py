@@ -150,7 +150,7 @@ def run_demo(
         same = not rule_options and options == dict(COMPOSITES).get(composite)
         maps = explain_all(model, images, labels, {f"LRP {composite}": relevance} if same else None)
         sections = demo_sections(model, images, labels, marked, records, maps)
-        flipping, aopc = pixel_flipping_section(model, images, labels, maps, seed)
+        flipping, aopc = pixel_flipping_section(model, images, labels, maps, marked, seed)
         # Other images than the batch's: a seed of their own, fixed by --seed.
         clusters, spray = spray_section(explainer, analysis_n, seed + ANALYSIS_SEED_OFFSET, f"LRP {composite}")
         sections += [flipping, clusters]
