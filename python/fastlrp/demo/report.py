@@ -263,8 +263,9 @@ def spray_section(explainer, n: int, seed: int, method: str, batch_size: int = 2
         verdict += (
             f"Of the {int(unmarked.sum())} crosses without the watermark, {unmarked_in_clean} fall into the "
             f"clusters whose mean heatmap shows only the shape.</p>" if clean else
-            "No cluster is free of the corner hot spot: the images without the watermark are too few here to "
-            "form a strategy of their own (try another --seed or a larger --analysis-n).</p>")
+            f"No cluster is free of the corner hot spot: SpRAy does not separate the {int(unmarked.sum())} crosses "
+            "without the watermark in this run; they sit among the watermark clusters and dilute them (another "
+            "--seed or a larger --analysis-n may split them off).</p>")
     else:
         verdict = ("<p>No cluster's mean heatmap has a hot spot on the watermark in this run: SpRAy does not "
                    "separate the watermark strategy here (try another --seed or a larger --analysis-n).</p>")
