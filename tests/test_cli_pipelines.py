@@ -3,6 +3,7 @@
 one-line errors. Models are the tiny factories of cli_tiny_models.py."""
 
 import base64
+import html
 import json
 import os
 import re
@@ -380,9 +381,31 @@ def test_dataset_errors(tmp_path, capsys, image_folder):
 
 # --- demo report -----------------------------------------------------------------------
 
+def report_sections(text):
+    """{h2 title: body html} of a fastlrp report."""
+    return {html.unescape(title): body for title, body in
+            re.findall(r'<section id="[^"]+"><h2>(.*?)</h2>(.*?)</section>', text, re.S)}
+
+
+def table_rows(body):
+    """The rows of the first table in ``body``, each a list of cell texts."""
+    tbody = re.search(r"<tbody>(.*?)</tbody>", body, re.S).group(1)
+    return [[html.unescape(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", row)]
+            for row in re.findall(r"<tr>(.*?)</tr>", tbody)]
+
+
+def embedded_image(body, alt):
+    import io
+
+    encoded = re.search(rf'<img alt="{re.escape(alt)}" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', body).group(1)
+    with Image.open(io.BytesIO(base64.b64decode(encoded))) as im:
+        return np.asarray(im.convert("RGB"))
+
+
 def test_demo_report_embeds_its_images_and_names_the_artefact(tmp_path, capsys):
-    code, printed, err = run_cli(capsys, "demo", "--out", tmp_path, "--n", "6", "--seed", "0")
+    code, printed, err = run_cli(capsys, "demo", "--out", tmp_path, "--n", "6", "--seed", "0", "--analysis-n", "48")
     assert code == 0, err
+    assert err == ""  # quiet: no warnings, no progress bars
     report = tmp_path / "report.html"
     assert f"report: {report}" in printed
     text = report.read_text()
@@ -400,6 +423,23 @@ def test_demo_report_embeds_its_images_and_names_the_artefact(tmp_path, capsys):
         assert method in text
     assert "The watermark is found" in text and "Clever-Hans" in text
     assert not re.search(r'src="(?!data:)', text)  # nothing outside the file
+
+    sections = report_sections(text)
+    flipping = next(body for title, body in sections.items() if title.startswith("Pixel flipping"))
+    spray = next(body for title, body in sections.items() if title.startswith("SpRAy"))
+    assert "AOPC" in flipping and "most relevant" in flipping  # the curves explained in words
+    plot = embedded_image(flipping, "pixel-flipping curves")
+    assert plot.shape == (400, 640, 3) and plot.std() > 10  # PLOT_INCHES at PLOT_DPI, not blank
+    rows = {row[0]: float(row[1]) for row in table_rows(flipping)}
+    assert set(rows) == {"LRP epsilon_plus", "LRP epsilon_gamma_box", "gradient", "random order"}
+    assert all(np.isfinite(v) for v in rows.values())
+    assert rows["LRP epsilon_plus"] > rows["random order"]
+
+    clusters = table_rows(spray)
+    assert sum(int(row[1]) for row in clusters) == 48  # every analysed image in one cluster
+    assert {row[-1] for row in clusters} <= {"watermark", "shape"}
+    prototypes = embedded_image(spray, "SpRAy cluster mean heatmaps")
+    assert prototypes.shape[1] >= 32 * 3 and prototypes.std() > 1
 
 
 def test_report_sections_are_a_list_of_title_html(tmp_path):

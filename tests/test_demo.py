@@ -9,6 +9,7 @@ from PIL import Image
 
 from fastlrp.cli import main
 from fastlrp.demo import data, run
+from fastlrp.demo import report as demo_report
 from fastlrp.demo.model import WEIGHTS_PATH, DemoCNN, load_demo_model
 from fastlrp.demo.train import evaluate
 
@@ -120,15 +121,49 @@ def test_run_demo_conservation(demo, tmp_path):
     # (0.16-0.85 of it on the demo images); the bound only catches gross breakage.
     assert demo["max_conservation_error"] < 0.9
     # Rules that leave the biases out conserve the logit up to float32 rounding.
-    exact = run.run_demo(tmp_path, n=4, seed=0, zero_params="bias")
+    exact = run.run_demo(tmp_path, n=4, seed=0, zero_params="bias", report=False)
     assert exact["max_conservation_error"] < 1e-4
+
+
+def test_run_demo_pixel_flipping_numbers(demo):
+    aopc = demo["aopc"]
+    assert list(aopc) == [*demo_report.FLIP_METHODS, demo_report.RANDOM]
+    assert all(np.isfinite(v) for v in aopc.values())
+    # Blurring the patches LRP ranks first costs the logit more than blurring random ones.
+    assert aopc["LRP epsilon_plus"] > aopc[demo_report.RANDOM] + 0.5
+    assert aopc["LRP epsilon_gamma_box"] > aopc[demo_report.RANDOM] + 0.5
+
+
+def test_run_demo_spray_finds_the_watermark_strategy(demo):
+    spray = demo["spray"]
+    clusters = spray["clusters"]
+    assert spray["n"] == 128 and sum(c["size"] for c in clusters) == 128
+    assert spray["n_clusters"] == len(clusters) >= 2
+    strategy = [c for c in clusters if c["watermark_strategy"]]
+    shape = [c for c in clusters if not c["watermark_strategy"]]
+    # The clusters whose mean heatmap has the hot corner are the watermarked crosses, the others are not.
+    assert strategy and shape
+    assert sum(c["size"] * c["watermark_fraction"] for c in strategy) / sum(c["size"] for c in strategy) > 0.9
+    assert max(c["watermark_fraction"] for c in shape) < 0.2
+
+
+def test_run_demo_rejects_a_small_analysis_set(tmp_path):
+    with pytest.raises(ValueError, match="at least 16"):
+        run.run_demo(tmp_path / "never", n=2, analysis_n=15)
+    assert not (tmp_path / "never").exists()
+
+
+def test_analysis_set_is_class_1_only():
+    images, labels, marked = demo_report.analysis_set(20, seed=3)
+    assert images.shape == (20, 3, 32, 32) and (labels == data.WATERMARK_CLASS).all()
+    assert torch.equal(_carries_watermark(images), marked)
 
 
 # --- command line ----------------------------------------------------------------------
 
 def test_cli_demo(tmp_path, capsys):
     out = tmp_path / "cli-out"
-    assert main(["demo", "--out", str(out), "--n", "2", "--seed", "1"]) == 0
+    assert main(["demo", "--out", str(out), "--n", "2", "--seed", "1", "--analysis-n", "16"]) == 0
     printed = capsys.readouterr().out
     assert str(out) in printed and "max conservation error" in printed
     assert "ms per image" in printed
@@ -142,6 +177,7 @@ def test_cli_demo(tmp_path, capsys):
         (["--out", "{file}/sub"], "cannot create output folder"),
         (["--composite", "no_such_composite", "--out", "{dir}/never"], "unknown composite"),
         (["--n", "0"], "at least 1"),
+        (["--analysis-n", "15", "--out", "{dir}/never"], "--analysis-n: must be at least 16"),
     ],
 )
 def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, args, message):

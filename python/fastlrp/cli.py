@@ -1,6 +1,6 @@
 """The ``fastlrp`` command line.
 
-    fastlrp demo     [--out DIR] [--n 8] [--composite epsilon_plus] [--seed 0] [--no-report]
+    fastlrp demo     [--out DIR] [--n 8] [--composite epsilon_plus] [--seed 0] [--analysis-n 128] [--no-report]
     fastlrp explain  IMAGE... --model ARCH [--weights FILE] [--out DIR] ...
     fastlrp video    IN --model ARCH --out OUT.mp4 ...
     fastlrp volume   IN.nii[.gz] --model ARCH --out OUT.nii.gz ...
@@ -40,6 +40,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _analysis_n(text: str) -> int:
+    value = _positive_int(text)
+    if value < 16:  # as run_demo checks; here so that the error names the option
+        raise argparse.ArgumentTypeError(f"must be at least 16 (SpRAy needs a few dozen heatmaps), got {value}")
+    return value
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -65,7 +72,8 @@ def _percentile(text: str) -> float:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo.run import format_summary, run_demo
 
-    summary = run_demo(args.out, n=args.n, composite=args.composite, seed=args.seed, report=args.report)
+    summary = run_demo(args.out, n=args.n, composite=args.composite, seed=args.seed, report=args.report,
+                       analysis_n=args.analysis_n)
     print(format_summary(summary))
     return 0
 
@@ -193,12 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="explain generated images with a shipped CNN; heatmap PNGs and an HTML report",
         description="Explain a batch of generated images with the demo CNN shipped in the package: one PNG "
         "per image (input next to its heatmap), grid.png, and report.html comparing LRP composites with "
-        "gradient baselines and showing the Clever-Hans watermark the network learned.",
+        "gradient baselines, showing the Clever-Hans watermark the network learned, pixel-flipping curves "
+        "with AOPC per method, and SpRAy clusters of many class-1 heatmaps.",
     )
     demo.add_argument("--out", default="fastlrp-demo", help="output folder (default: ./fastlrp-demo)")
     demo.add_argument("--n", type=_positive_int, default=8, help="number of images (default: 8)")
     demo.add_argument("--composite", default="epsilon_plus", help="LRP composite of the PNGs (default: epsilon_plus)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the image generator (default: 0)")
+    demo.add_argument("--analysis-n", type=_analysis_n, default=128, metavar="N",
+                      help="class-1 images explained and clustered with SpRAy for the report (at least 16; "
+                      "default: 128)")
     demo.add_argument("--no-report", dest="report", action="store_false", help="skip report.html")
     demo.set_defaults(func=_cmd_demo)
 

@@ -37,10 +37,11 @@ def image_html(pixels: np.ndarray, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def figure_html(figure, alt: str, dpi: int = 100) -> str:
-    """An <img> with a matplotlib Figure embedded as a base64 PNG."""
+def figure_html(figure, alt: str, dpi: int = 100, tight: bool = True) -> str:
+    """An <img> with a matplotlib Figure embedded as a base64 PNG. ``tight`` crops the margins;
+    without it the picture is exactly the figure's size times ``dpi``."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
     data = base64.b64encode(buffer.getvalue()).decode("ascii")
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 

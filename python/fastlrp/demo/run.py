@@ -22,6 +22,7 @@ SCALE = 4  # 32x32 images are too small to look at; PNGs show them 4x enlarged
 GAP = 4  # white pixels between an image and its heatmap
 GRID_GAP = 12  # and between the pairs of the grid
 GRID_COLUMNS = 4
+ANALYSIS_SEED_OFFSET = 1  # the SpRAy images use seed + 1, so they are not the batch's
 
 
 def prepare_out_dir(out_dir: str | Path) -> Path:
@@ -71,16 +72,19 @@ def run_demo(
     composite: str = "epsilon_plus",
     seed: int = 0,
     report: bool = True,
+    analysis_n: int = 128,
     **rule_options,
 ) -> dict:
     """Explain ``n`` generated images (their true class) and write PNGs to ``out_dir``.
 
     Writes ``image_XX.png`` (input next to heatmap) per image and ``grid.png`` with all of
     them, and with ``report`` the self-contained ``report.html`` (see ``demo.report``):
-    several LRP composites and gradient baselines, and the share of relevance on the
-    watermark. Returns a summary: per image the true and predicted class, whether it carries the
+    several LRP composites and gradient baselines, the share of relevance on the watermark,
+    pixel-flipping curves with their AOPC, and SpRAy clusters of ``analysis_n`` (>= 16) new
+    class-1 images explained with ``composite``. Returns a summary: per image the true and predicted class, whether it carries the
     watermark, the target logit, the summed input relevance and the conservation error
-    |sum R - logit| / |logit|; their maximum; and the explanation time per image.
+    |sum R - logit| / |logit|; their maximum; the explanation time per image; and with
+    ``report``, ``aopc`` ({method: AOPC}) and ``spray`` (per cluster: size, watermark fraction).
     ``rule_options`` go to ``fastlrp.LRP`` (e.g. ``zero_params="bias"``).
 
     The demo CNN has biases (batch norm folded into the convolutions brings them), and a
@@ -90,8 +94,13 @@ def run_demo(
     """
     import fastlrp  # the engine; imported here so that fastlrp.demo loads on its own
 
+    from .report import MIN_ANALYSIS_N
+
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
+    if report and analysis_n < MIN_ANALYSIS_N:
+        # SpRAy's neighbour graph and eigengap need a few dozen heatmaps to mean anything.
+        raise ValueError(f"analysis_n must be at least {MIN_ANALYSIS_N}, got {analysis_n}")
     model = load_demo_model()
     start = time.perf_counter()
     # Built before the folder is made, so that a bad composite name leaves nothing behind.
@@ -132,12 +141,19 @@ def run_demo(
             }
         )
     grid = viz.save_png(out / "grid.png", _grid(tiles, GRID_COLUMNS))
-    report_path = None
+    report_path, aopc, spray = None, None, None
     if report:
         from ..report import write_report
-        from .report import demo_sections
+        from .report import COMPOSITES, demo_sections, explain_all, pixel_flipping_section, spray_section
 
-        sections = demo_sections(model, images, labels, marked, records)
+        # The PNGs' explanation is one of the report's when made with the same options.
+        same = not rule_options and options == dict(COMPOSITES).get(composite)
+        maps = explain_all(model, images, labels, {f"LRP {composite}": relevance} if same else None)
+        sections = demo_sections(model, images, labels, marked, records, maps)
+        flipping, aopc = pixel_flipping_section(model, images, labels, maps, marked, seed)
+        # Other images than the batch's: a seed of their own, fixed by --seed.
+        clusters, spray = spray_section(explainer, analysis_n, seed + ANALYSIS_SEED_OFFSET, f"LRP {composite}")
+        sections += [flipping, clusters]
         report_path = str(write_report(out / "report.html", "fastlrp demo: finding a Clever-Hans artefact", sections))
 
     return {
@@ -148,6 +164,8 @@ def run_demo(
         "images": records,
         "grid_png": str(grid),
         "report": report_path,
+        "aopc": aopc,
+        "spray": spray,
         "accuracy": (pred == labels).float().mean().item(),
         "max_conservation_error": error.max().item(),
         "seconds_per_image": explain_s / n,
