@@ -225,3 +225,75 @@ def _save_choices():
         tmp.replace(path)
     except OSError:
         pass  # a read-only home: the choice still holds for this process
+
+
+# ---------------------------------------------------------------- the engine's entry points
+
+def kernel_rule_of(layer) -> TritonLinearRule:
+    """The layer's rule for the kernels, rebuilt only when a parameter changed (as ``layer.block()``)."""
+    weight, bias = layer.params()
+    cached = getattr(layer, "_triton_rule", None)
+    if cached is None or cached[0] is not layer._cache:
+        cached = (layer._cache, TritonLinearRule(layer.op, layer.rule, weight, bias, layer.nonnegative_input))
+        layer._triton_rule = cached
+    return cached[1]
+
+
+def layer_forward(layer, x):
+    """The layer's output through the fused kernels, or None where they do not apply or the native
+    path measured faster for this shape (the caller then takes the native/reference path)."""
+    if not supports(layer.op, layer.rule, x):
+        return None
+    kernel_rule = kernel_rule_of(layer)
+    if x.device.type == "cuda" and layer._native_ok(x):
+        key = shape_key(layer.op, layer.rule, x, kernel_rule.weight, layer.nonnegative_input)
+        if not prefers_triton(key, x.device, lambda: _time_pass(TritonAffineFunction, kernel_rule, x),
+                              lambda: _time_pass(_block_function(), layer, x)):
+            return None
+    return TritonAffineFunction.apply(kernel_rule, x)
+
+
+def _block_function():
+    from .relevance_layers import _BlockFunction
+    return _BlockFunction
+
+
+def _time_pass(function, first, x):
+    """One forward and relevance pass of a layer, as the explainer runs it (timed by the caller)."""
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_(True)
+        out = function.apply(first, leaf)
+        torch.autograd.grad(out, leaf, torch.ones_like(out))
+
+
+def norm_relevance(layer, saved, relevance):
+    """Sums and average pooling through the Triton kernels, or None where they do not apply."""
+    kind, spec = layer.pooling
+    if not triton_ops.triton_supports(relevance.device, relevance.dtype):
+        return None
+    eps = layer.rule.stabilizer
+    if kind == "sum":
+        if relevance.ndim < 2 or any(t.shape != relevance.shape for t in saved):
+            return None
+        with torch.no_grad():
+            y = layer.fn(*saved)
+        return tuple(triton_ops.sum_relevance(saved, relevance, y, spec, eps))
+    if saved[0].ndim not in (3, 4, 5):
+        return None
+    with torch.no_grad():
+        y = layer.fn(*saved)
+    if kind == "adaptive_avg":
+        return (triton_ops.pool_relevance(saved[0], relevance, "adaptive_avg", y=y, epsilon=eps),)
+    if isinstance(spec.padding, str):
+        return None
+    return (triton_ops.pool_relevance(saved[0], relevance, "avg", spec.kernel_size, spec.stride, spec.padding,
+                                      spec.count_include_pad, getattr(spec, "divisor_override", None), y=y,
+                                      epsilon=eps),)
+
+
+def maxpool_relevance(layer, x, relevance, kernel_size, stride, padding):
+    """Proportional max pooling through the Triton kernels, or None where they do not apply."""
+    if not triton_ops.triton_supports(relevance.device, relevance.dtype) or x.ndim not in (3, 4, 5):
+        return None
+    return triton_ops.pool_relevance(x, relevance, "max_proportional", kernel_size, stride, padding,
+                                     epsilon=layer.rule.stabilizer)

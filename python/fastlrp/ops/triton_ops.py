@@ -317,3 +317,133 @@ def affine_relevance(x: Tensor, weight: Tensor, relevance: Tensor, z: Tensor, y:
                              [float(m) for m in bound_modifiers], [float(c) for c in group_coefficients],
                              [int(m) for m in group_masks], float(epsilon), [int(v) for v in stride],
                              [int(v) for v in padding], [int(v) for v in dilation], int(groups))
+
+
+# ---------------------------------------------------------------- pooling and sums
+
+def _pool_torch(x, relevance, y, mode, kernel, stride, padding, adaptive, count_include_pad, divisor_override,
+                epsilon):
+    from ..reference import maxpool_proportional, norm
+    dims = x.ndim - 2
+    F = torch.nn.functional
+    if mode == 1:
+        return maxpool_proportional(x, relevance, kernel, stride, padding, False, epsilon)
+    if adaptive:
+        pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[dims]
+        return norm(lambda t: pool(t, tuple(relevance.shape[2:])), [x], relevance, epsilon)[0]
+    # the output size is given by relevance, so ceil_mode is implied: pool with it and crop
+    pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[dims]
+    extra = {} if dims == 1 else {"divisor_override": divisor_override or None}
+
+    def fn(t):
+        out = pool(t, kernel, stride, padding, True, count_include_pad, **extra)
+        return out[(slice(None), slice(None)) + tuple(slice(0, s) for s in relevance.shape[2:])]
+    return norm(fn, [x], relevance, epsilon)[0]
+
+
+@triton_op("fastlrp::triton_pool_relevance", mutates_args=())
+def _pool_relevance(x: Tensor, relevance: Tensor, y: Optional[Tensor], mode: int, kernel: list[int],
+                    stride: list[int], padding: list[int], adaptive: bool, count_include_pad: bool,
+                    divisor_override: int, epsilon: float) -> Tensor:
+    out = _like_layout(x.shape, x)
+    if not triton_supports(x.device, x.dtype):
+        out.copy_(_pool_torch(x, relevance, y, mode, kernel, stride, padding, adaptive, count_include_pad,
+                              divisor_override, epsilon))
+        return out
+    share = torch.empty(relevance.shape, dtype=torch.float32, device=x.device)
+    _KERNELS[1].launch_pool(_as_5d(x), _as_5d(relevance), None if y is None else _as_5d(y), _as_5d(share),
+                            _as_5d(out), mode, _pad3(kernel, 1), _pad3(stride, 1), _pad3(padding, 0), adaptive,
+                            count_include_pad, divisor_override, epsilon, wrap=wrap_triton)
+    return out
+
+
+def pool_relevance(x: Tensor, relevance: Tensor, kind: str, kernel_size=None, stride=None, padding=0,
+                   count_include_pad: bool = True, divisor_override: int | None = None, y: Tensor | None = None,
+                   epsilon: float = 1e-6) -> Tensor:
+    """LRP of a 1d/2d/3d pooling layer: ``kind`` "avg" (Norm rule, ``y`` the pooled output),
+    "adaptive_avg" or "max_proportional". The output size (also under ``ceil_mode``) is relevance's."""
+    op = "triton_pool_relevance"
+    _check_tensor(x, "x", op)
+    _check_tensor(relevance, "relevance", op, x, "x")
+    if kind not in ("avg", "adaptive_avg", "max_proportional"):
+        raise ValueError(f"fastlrp.ops.{op}: kind must be 'avg', 'adaptive_avg' or 'max_proportional', got {kind!r}")
+    dims = x.ndim - 2
+    if dims not in (1, 2, 3) or relevance.ndim != x.ndim or relevance.shape[:2] != x.shape[:2]:
+        raise ValueError(f"fastlrp.ops.{op}: x (N, C, *1-3 spatial) and relevance (same N, C) expected, got "
+                         f"{tuple(x.shape)} and {tuple(relevance.shape)}")
+    if kind == "avg":
+        if y is None:
+            raise ValueError(f"fastlrp.ops.{op}: average pooling needs y, the pooled output")
+    if y is not None:
+        _check_tensor(y, "y", op, x, "x")
+        if y.shape != relevance.shape:
+            raise ValueError(f"fastlrp.ops.{op}: y has shape {tuple(y.shape)} but relevance has "
+                             f"{tuple(relevance.shape)}")
+    adaptive = kind == "adaptive_avg"
+    if adaptive:
+        kernel, stride_, pad = [1] * dims, [1] * dims, [0] * dims
+    else:
+        if kernel_size is None:
+            raise ValueError(f"fastlrp.ops.{op}: kernel_size is required for kind={kind!r}")
+        kernel = _ints(kernel_size, dims, "kernel_size", op, 1)
+        stride_ = _ints(kernel_size if stride is None or stride == [] else stride, dims, "stride", op, 1)
+        pad = _ints(padding, dims, "padding", op, 0)
+    return _pool_relevance(x, relevance, y if kind != "max_proportional" else None,
+                           1 if kind == "max_proportional" else 0, kernel, stride_, pad, adaptive,
+                           bool(count_include_pad), int(divisor_override or 0), float(epsilon))
+
+
+def _ints(v, dims, name, op, low):
+    v = list(v) if isinstance(v, (tuple, list)) else [v] * dims
+    if len(v) != dims or not all(isinstance(i, int) and i >= low for i in v):
+        raise ValueError(f"fastlrp.ops.{op}: {name} must be an int or {dims} ints >= {low}, got {v}")
+    return v
+
+
+def _dense_same_layout(tensors) -> bool:
+    first = tensors[0]
+    dense = first.is_contiguous() or (first.ndim in (4, 5) and first.is_contiguous(
+        memory_format=torch.channels_last if first.ndim == 4 else torch.channels_last_3d))
+    return dense and all(t.stride() == first.stride() for t in tensors)
+
+
+@triton_op("fastlrp::triton_sum_relevance", mutates_args=())
+def _sum_relevance(inputs: list[Tensor], alpha: list[float], y: Tensor, relevance: Tensor,
+                   epsilon: float) -> list[Tensor]:
+    outs = [_like_layout(relevance.shape, relevance) for _ in inputs]
+    if not triton_supports(relevance.device, relevance.dtype):
+        ratio = relevance / stabilize(y, epsilon)
+        for out, t, a in zip(outs, inputs, alpha):
+            out.copy_(t * (a * ratio))
+        return outs
+    tensors = list(inputs) + [y, relevance]
+    if not _dense_same_layout(tensors + outs):  # one flat index must address every tensor alike
+        tensors = [t.contiguous() for t in tensors]
+        flat_outs = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in outs]
+    else:
+        flat_outs = outs
+    _KERNELS[1].launch_sum(tensors[:-2], alpha, tensors[-2], tensors[-1], flat_outs, epsilon, wrap=wrap_triton)
+    if flat_outs is not outs:
+        for out, flat in zip(outs, flat_outs):
+            out.copy_(flat)
+    return outs
+
+
+def sum_relevance(inputs: Sequence[Tensor], relevance: Tensor, y: Tensor, alpha: Sequence[float] | None = None,
+                  epsilon: float = 1e-6) -> list:
+    """Norm rule of y = sum_i a_i x_i: R_i = a_i x_i R / stab(y), two summands per kernel pass."""
+    op = "triton_sum_relevance"
+    _check_tensor(relevance, "relevance", op)
+    inputs = list(inputs)
+    if not inputs:
+        raise ValueError(f"fastlrp.ops.{op}: inputs must hold at least one tensor")
+    for k, t in enumerate(inputs + [y]):
+        name = f"inputs[{k}]" if k < len(inputs) else "y"
+        _check_tensor(t, name, op, relevance, "relevance")
+        if t.shape != relevance.shape:
+            raise ValueError(f"fastlrp.ops.{op}: {name} has shape {tuple(t.shape)} but relevance has "
+                             f"{tuple(relevance.shape)}")
+    alpha = [1.0] * len(inputs) if alpha is None else [float(a) for a in alpha]
+    if len(alpha) != len(inputs):
+        raise ValueError(f"fastlrp.ops.{op}: alpha needs one entry per input ({len(inputs)})")
+    return _sum_relevance(inputs, alpha, y, relevance, float(epsilon))
