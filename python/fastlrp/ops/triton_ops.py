@@ -175,17 +175,21 @@ def _relevance_torch(x, weight, relevance, z, y, bound0, bound1, coefficients, b
     return total
 
 
+def _forward_outputs(x, weight, groups_z, write_z, stride, padding, dilation):
+    spatial = [_out_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
+               for i in range(x.ndim - 2)]
+    c_out = weight.shape[0]
+    y = _like_layout([x.shape[0], c_out] + spatial, x)
+    z = _like_layout([x.shape[0], groups_z * c_out] + spatial, x) if write_z else x.new_empty(0)
+    return y, z
+
+
 @triton_op("fastlrp::triton_affine_forward", mutates_args=())
 def _affine_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], z_bias: Optional[Tensor],
                     bound0: Optional[Tensor], bound1: Optional[Tensor], coefficients: list[float],
                     bound_modifiers: list[float], groups_z: int, write_z: bool, nonnegative_input: bool,
                     stride: list[int], padding: list[int], dilation: list[int], groups: int) -> tuple[Tensor, Tensor]:
-    dims = x.ndim - 2
-    spatial = [_out_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
-               for i in range(dims)]
-    c_out = weight.shape[0]
-    y = _like_layout([x.shape[0], c_out] + spatial, x)
-    z = _like_layout([x.shape[0], groups_z * c_out] + spatial, x) if write_z else x.new_empty(0)
+    y, z = _forward_outputs(x, weight, groups_z, write_z, stride, padding, dilation)
     if not triton_supports(x.device, x.dtype):
         y_ref, z_ref = _forward_torch(x, weight, bias, z_bias, bound0, bound1, coefficients, bound_modifiers,
                                       groups_z, stride, padding, dilation, groups)
@@ -217,6 +221,20 @@ def _affine_relevance(x: Tensor, weight: Tensor, relevance: Tensor, z: Tensor, y
         coefficients, bound_modifiers, group_coefficients, group_masks, epsilon, _pad3(stride, 1),
         _pad3(padding, 0), _pad3(dilation, 1), groups, allow_tf32=_allow_tf32(), wrap=wrap_triton)
     return out
+
+
+# Explicit fakes: the default fake of a triton_op runs its body, which under TRITON_INTERPRET=1
+# would hand fake tensors to the interpreter.
+@_affine_forward.register_fake
+def _(x, weight, bias, z_bias, bound0, bound1, coefficients, bound_modifiers, groups_z, write_z,
+      nonnegative_input, stride, padding, dilation, groups):
+    return _forward_outputs(x, weight, groups_z, write_z, stride, padding, dilation)
+
+
+@_affine_relevance.register_fake
+def _(x, weight, relevance, z, y, bound0, bound1, coefficients, bound_modifiers, group_coefficients, group_masks,
+      epsilon, stride, padding, dilation, groups):
+    return _like_layout(x.shape, x)
 
 
 def _check_tensor(t, name, op, like=None, like_name=None):
@@ -357,6 +375,11 @@ def _pool_relevance(x: Tensor, relevance: Tensor, y: Optional[Tensor], mode: int
     return out
 
 
+@_pool_relevance.register_fake
+def _(x, relevance, y, mode, kernel, stride, padding, adaptive, count_include_pad, divisor_override, epsilon):
+    return _like_layout(x.shape, x)
+
+
 def pool_relevance(x: Tensor, relevance: Tensor, kind: str, kernel_size=None, stride=None, padding=0,
                    count_include_pad: bool = True, divisor_override: int | None = None, y: Tensor | None = None,
                    epsilon: float = 1e-6) -> Tensor:
@@ -427,6 +450,11 @@ def _sum_relevance(inputs: list[Tensor], alpha: list[float], y: Tensor, relevanc
         for out, flat in zip(outs, flat_outs):
             out.copy_(flat)
     return outs
+
+
+@_sum_relevance.register_fake
+def _(inputs, alpha, y, relevance, epsilon):
+    return [_like_layout(relevance.shape, relevance) for _ in inputs]
 
 
 def sum_relevance(inputs: Sequence[Tensor], relevance: Tensor, y: Tensor, alpha: Sequence[float] | None = None,
