@@ -47,8 +47,8 @@ _AUTOTUNE_KEY = ["N", "C", "D", "H", "W", "O", "OD", "OH", "OW", "KD", "KH", "KW
 
 @triton.jit
 def _split(t):
-    zero = tl.zeros_like(t)  # same dtype: the dot operands keep the tensor's precision
-    return tl.maximum(t, zero), tl.minimum(t, zero)
+    zero = tl.zeros_like(t)  # the dot operands keep the tensor's precision (cast: the interpreter promotes)
+    return tl.maximum(t, zero).to(t.dtype), tl.minimum(t, zero).to(t.dtype)
 
 
 @triton.jit

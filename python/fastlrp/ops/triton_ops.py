@@ -55,7 +55,7 @@ def interpreting() -> bool:
 
 def triton_supports(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the Triton kernels run for tensors of this device and dtype: CUDA, or the CPU under
-    ``TRITON_INTERPRET=1`` (float32/float16 there: the interpreter has no bfloat16 matmul)."""
+    ``TRITON_INTERPRET=1`` (float32/float16 there: the interpreter's bfloat16 dot is wrong)."""
     if _KERNELS is None or dtype not in TRITON_DTYPES:
         return False
     if device.type == "cuda":
