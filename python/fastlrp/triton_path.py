@@ -185,7 +185,8 @@ def prefers_triton(key: str, device: torch.device, run_triton, run_native) -> bo
 
     ``FASTLRP_TRITON_CHOICE``: ``measure`` (default: time both once per shape and device, keep
     the answer in memory and in ``choice_cache_path()``), ``triton`` or ``native`` (always).
-    Off CUDA there is nothing to measure: the Triton kernels run (the interpreter, in tests)."""
+    Off CUDA there is nothing to measure: the Triton kernels run (the interpreter, in tests).
+    While compiled or captured into a CUDA graph nothing is timed: a cached choice, else Triton."""
     mode = os.environ.get("FASTLRP_TRITON_CHOICE", "measure")
     if mode not in ("measure", "triton", "native"):
         raise ValueError(f"FASTLRP_TRITON_CHOICE must be 'measure', 'triton' or 'native', got {mode!r}")
@@ -193,7 +194,7 @@ def prefers_triton(key: str, device: torch.device, run_triton, run_native) -> bo
         return mode == "triton"
     if device.type != "cuda" or run_native is None:
         return True
-    if torch.cuda.is_current_stream_capturing():  # no timing inside a graph capture
+    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():  # no timing while traced
         return _load_choices().get(_device_key(device), {}).get(key, "triton") == "triton"
     with _CHOICE_LOCK:
         table = _load_choices().setdefault(_device_key(device), {})

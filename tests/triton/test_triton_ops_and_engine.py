@@ -112,3 +112,27 @@ def test_speed_choice_measures_once_per_shape_on_gpu(monkeypatch, tmp_path):
     first = triton_path.prefers_triton("k", torch.device("cuda"), lambda: runs.append("t"), lambda: runs.append("n"))
     assert triton_path.prefers_triton("k", torch.device("cuda"), None, None) == first
     assert runs.count("t") == runs.count("n") == 6 and (tmp_path / "choices.json").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resnet18_on_gpu_agrees_with_native(dtype, monkeypatch, tmp_path):
+    """A real network at a real size, Triton forced for every layer it takes, against native."""
+    torchvision = pytest.importorskip("torchvision")
+    monkeypatch.setenv("FASTLRP_TRITON_CHOICE", "triton")
+    model = torchvision.models.resnet18(weights=None).cuda().to(dtype).eval()
+    x = channels_last(torch.randn(8, 3, 224, 224, device="cuda", dtype=dtype))
+    got = fastlrp.LRP(model, "epsilon_gamma_box", low=-3.0, high=3.0, backend="triton")(x, 1)
+    native = fastlrp.LRP(model, "epsilon_gamma_box", low=-3.0, high=3.0, backend="native")(x, 1)
+    assert relative_error(got, native) < (1e-3 if dtype == torch.float32 else 5e-2)
+
+
+@pytest.mark.gpu
+def test_explanation_under_torch_compile_on_gpu(monkeypatch):
+    monkeypatch.setenv("FASTLRP_TRITON_CHOICE", "triton")
+    model = TinyCNN().cuda().eval()
+    x = torch.randn(2, 3, 8, 6, device="cuda")
+    explainer = fastlrp.LRP(model, "epsilon_plus", backend="triton")
+    expected = explainer(x, 1)
+    compiled = torch.compile(lambda t: explainer(t, 1))
+    assert relative_error(compiled(x), expected) < 1e-4
