@@ -467,11 +467,11 @@ def measure(row, provider_cm, x, target, args, reference=None):
             torch.cuda.empty_cache()
 
 
-def fastlrp_backends():
+def fastlrp_backends(device="cpu"):
     try:
         import fastlrp
         fastlrp.LRP  # the engine may not exist yet
-        return [f"fastlrp:{b}" for b in fastlrp.available_backends()], ""
+        return [f"fastlrp:{b}" for b in fastlrp.available_backends(device)], ""
     except Exception as exc:
         return [], f"fastlrp not usable: {type(exc).__name__}: {exc}"
 
@@ -527,11 +527,12 @@ def add_arguments(p, machine_defaults=False):
     p.add_argument("--providers", nargs="+", default=None,
                    help="subset of: fastlrp:<backend> ... captum (default: all available); "
                         "zennit, forward and gradient always run as the baselines")
-    p.add_argument("--batch", type=int, default=1, help="batch for image models")
-    p.add_argument("--size", type=int, default=64, help="height = width for image models")
-    p.add_argument("--video-batch", type=int, default=1, help="batch for r3d_18")
-    p.add_argument("--video-size", type=int, default=48, help="height = width for r3d_18")
-    p.add_argument("--frames", type=int, default=4, help="frames for r3d_18")
+    # None: the preset's value (PRESETS), so --gpu --batch 128 keeps the 128
+    p.add_argument("--batch", type=int, default=None, help="batch for image models (1; --gpu: 64)")
+    p.add_argument("--size", type=int, default=None, help="height = width for image models (64; --gpu: 224)")
+    p.add_argument("--video-batch", type=int, default=None, help="batch for r3d_18 (1; --gpu: 16)")
+    p.add_argument("--video-size", type=int, default=None, help="height = width for r3d_18 (48; --gpu: 112)")
+    p.add_argument("--frames", type=int, default=None, help="frames for r3d_18 (4; --gpu: 16)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     if machine_defaults:
         p.add_argument("--device", default="auto",
@@ -542,14 +543,20 @@ def add_arguments(p, machine_defaults=False):
     p.add_argument("--gpu", action="store_true",
                    help="GPU preset: cuda, batch 64 at 224x224, r3d_18 batch 16 at 16x112x112, "
                         "3 warm-ups, 10 repeats")
-    p.add_argument("--warmup", type=int, default=1,
-                   help="untimed calls before timing; at least 1, and 2 when memory is measured")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed calls before timing (1; --gpu: 3); at least 1, and 2 when memory is measured")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls (3; --gpu: 10)")
     p.add_argument("--cuda-events", action="store_true", help="time with CUDA events instead of the host clock")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak memory call")
     p.add_argument("--name", default="lrp", help="result file prefix")
     p.add_argument("--out", default=None, help=f"directory for the JSON (default {RESULTS_DIR})")
     return p
+
+
+PRESETS = {
+    "cpu": dict(batch=1, size=64, video_batch=1, video_size=48, frames=4, warmup=1, repeats=3),
+    "gpu": dict(batch=64, size=224, video_batch=16, video_size=112, frames=16, warmup=3, repeats=10),
+}
 
 
 def finish_args(args):
@@ -559,8 +566,9 @@ def finish_args(args):
         args.gpu = args.gpu or args.device == "cuda"
     if args.gpu:
         args.device = "cuda" if args.device == "cpu" else args.device
-        args.batch, args.size, args.video_batch, args.video_size, args.frames = 64, 224, 16, 112, 16
-        args.warmup, args.repeats = 3, 10
+    for option, value in PRESETS["gpu" if args.gpu else "cpu"].items():
+        if getattr(args, option, None) is None:  # an explicit option beats the preset
+            setattr(args, option, value)
     args.warmup = max(args.warmup, 1)
     return args
 
@@ -578,7 +586,7 @@ def main(argv=None):
 def run(args):
     """Run the benchmark for parsed (and finished) arguments; returns the result file's path."""
     _torchvision()  # fail in one line before any work when torchvision is missing
-    fastlrp_providers, skip_note = fastlrp_backends()
+    fastlrp_providers, skip_note = fastlrp_backends(args.device)
     providers = args.providers or fastlrp_providers + ["captum"]
     if args.providers:
         skip_note = ""

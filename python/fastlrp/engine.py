@@ -16,16 +16,27 @@ from . import graph as _graph
 from . import ops
 from .relevance_layers import RelevanceLayer
 
-BACKENDS = ("native", "reference")
+BACKENDS = ("native", "triton", "reference")
 
 
 def available_backends(device: torch.device | str | None = None) -> list:
     """Backends that can run on ``device`` (default: the CPU), fastest first.
 
     ``native``: fastlrp._C's fused kernels and the block-form rules (needs the compiled
-    extension with kernels for the device). ``reference``: the pure-PyTorch oracle, always there."""
+    extension with kernels for the device). ``triton``: the fully fused Triton kernels (CUDA with
+    Triton installed; listed after native until measured on GPUs, see docs/triton.md; on the CPU
+    it runs only when asked for, under ``TRITON_INTERPRET=1``). ``reference``: the pure-PyTorch
+    oracle, always there."""
     device = torch.device("cpu" if device is None else device)
-    return (["native"] if ops.native_supports(device, torch.float32) else []) + ["reference"]
+    names = ["native"] if ops.native_supports(device, torch.float32) else []
+    if device.type == "cuda" and _triton_importable():
+        names.append("triton")
+    return names + ["reference"]
+
+
+def _triton_importable() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("triton") is not None
 
 
 def _choose_backend(requested: str | None) -> str:
@@ -36,6 +47,9 @@ def _choose_backend(requested: str | None) -> str:
     if name == "native" and _native_build() is None:
         raise ValueError(f"backend 'native' (from {source}) needs the compiled extension fastlrp._C, which is not "
                          "built here (install the package with 'pip install .'); use backend='reference'")
+    if name == "triton" and not _triton_importable():
+        raise ValueError(f"backend 'triton' (from {source}) needs the triton package, which is not installed "
+                         "here; use backend='native' or 'reference'")
     return name
 
 
@@ -77,7 +91,8 @@ class LRP:
         what Zennit's module hooks compute; residual sums keep the Norm rule either way.
     passthrough: layer types, module names or op names without a rule that relevance may cross
         by the plain gradient (otherwise they raise ``UnsupportedLayerError``).
-    backend: ``"native"`` (fused kernels of fastlrp._C, block-form rules) or ``"reference"`` (pure
+    backend: ``"native"`` (fused kernels of fastlrp._C, block-form rules), ``"triton"`` (fully fused
+        Triton kernels, per layer and shape the faster of them and native) or ``"reference"`` (pure
         PyTorch); default from ``FASTLRP_BACKEND``, else the fastest available. The chosen one is
         ``explainer.backend``. Under ``native``, a layer whose device, dtype or form has no kernel
         (float16 on the CPU, grouped or transposed convolutions) runs the reference rule.

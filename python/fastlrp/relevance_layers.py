@@ -102,7 +102,12 @@ class AffineLayer(RelevanceLayer):
         self.nonnegative_input = False  # set from the graph: the input comes from a ReLU (or alike)
 
     def forward(self, x):
-        if self.backend == "native" and self._native_ok(x):
+        if self.backend == "triton":
+            from . import triton_path  # imports Triton: only for this backend
+            output = triton_path.layer_forward(self, x)
+            if output is not None:
+                return output
+        if self.backend in ("native", "triton") and self._native_ok(x):  # triton falls back per layer
             return _BlockFunction.apply(self, x)
         return super().forward(x)
 
@@ -195,7 +200,12 @@ class NormLayer(RelevanceLayer):
         return self.fn(*inputs)
 
     def relevance(self, saved, shapes, relevance):
-        if self.backend == "native" and self._native_ok(saved, relevance):
+        if self.backend == "triton" and self.pooling is not None:
+            from . import triton_path
+            out = triton_path.norm_relevance(self, saved, relevance)
+            if out is not None:
+                return out
+        if self.backend in ("native", "triton") and self._native_ok(saved, relevance):
             kind, spec = self.pooling
             with torch.no_grad():
                 y = self.fn(*saved)
@@ -236,7 +246,12 @@ class MaxPoolLayer(RelevanceLayer):
     def relevance(self, saved, shapes, relevance):
         m = self._module[0]
         stride = m.stride if m.stride is not None else m.kernel_size
-        if self.backend == "native" and ops.native_supports(relevance.device, relevance.dtype):
+        if self.backend == "triton":
+            from . import triton_path
+            out = triton_path.maxpool_relevance(self, saved[0], relevance, m.kernel_size, stride, m.padding)
+            if out is not None:
+                return (out,)
+        if self.backend in ("native", "triton") and ops.native_supports(relevance.device, relevance.dtype):
             return (ops.pool_relevance(saved[0], relevance, "max_proportional", m.kernel_size, stride, m.padding,
                                        m.ceil_mode, epsilon=self.rule.stabilizer),)
         return (reference.maxpool_proportional(saved[0], relevance, m.kernel_size, stride, m.padding,

@@ -1,0 +1,366 @@
+"""Fully fused LRP passes of Linear and Conv1d/2d/3d layers as implicit GEMMs.
+
+Every rule of a linear layer is described to the kernels by numbers, not by modified weights
+(docs/triton.md, "The rule as coefficients"):
+
+* The sample-dependent products, formed from the input and weight tiles as they are loaded:
+  Y = f(x; W), PP = f(x+; W+), PN = f(x+; W-), NP = f(x-; W+), NN = f(x-; W-).
+* Up to two sample-free "bound" products K_j = f(b_j; M_j(W)) with b_j a tensor broadcast to
+  x (ones for Flat/WSquare, the ZBox bounds) and M_j(W) = a W+ + b W- + c W^2 + d.
+* Up to two denominator groups: z_g = sum_p coef[g, p] * product_p (+ K_0 + K_1 for g = 0) + zbias_g.
+
+The forward kernel writes the layer output y and every z_g in one pass; the relevance kernel
+is the transposed implicit GEMM f^T, whose prologue forms s_g = c_g mask_g R / stab(z_g) from
+R and z as they are loaded, and whose epilogue multiplies by the modified input (x, x+, x-, b_j)
+and sums the parts. No W+, W-, x+ or x- tensor is ever written to memory.
+
+Tensors are seen as 5-d (N, C, D, H, W) through their strides, so 1d/2d layers (unit dims),
+Linear layers (1x1x1 "images"), contiguous and channels-last layouts all take the same code.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+PRODUCTS = ("y", "pp", "pn", "np", "nn")  # column order of the per-group coefficients
+MASK_NONE, MASK_POSITIVE, MASK_NEGATIVE = 0, 1, 2
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs():
+    # The interpreter runs every program in Python: one small tile, no tuning.
+    if interpreting():
+        return [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=1)]
+    return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in ((128, 64, 32, 4, 3), (64, 64, 32, 4, 4), (128, 128, 32, 8, 3),
+                                     (64, 128, 32, 4, 3), (64, 32, 32, 4, 4), (32, 32, 32, 2, 4))]
+
+
+_AUTOTUNE_KEY = ["N", "C", "D", "H", "W", "O", "OD", "OH", "OW", "KD", "KH", "KW"]
+
+
+@triton.jit
+def _split(t):
+    zero = tl.zeros_like(t)  # the dot operands keep the tensor's precision (cast: the interpreter promotes)
+    return tl.maximum(t, zero).to(t.dtype), tl.minimum(t, zero).to(t.dtype)
+
+
+@triton.jit
+def _bound_weight(w, valid, a, b, c, d):
+    """M(W) = a W+ + b W- + c W^2 + d, zero outside the weight (masked lanes)."""
+    wf = w.to(tl.float32)
+    m = a * tl.maximum(wf, 0.0) + b * tl.minimum(wf, 0.0) + c * wf * wf + d * valid.to(tl.float32)
+    return m.to(w.dtype)
+
+
+@triton.autotune(configs=_configs(), key=_AUTOTUNE_KEY)
+@triton.jit
+def _lrp_forward_kernel(
+        x_ptr, w_ptr, bias_ptr, zbias_ptr, b0_ptr, b1_ptr, y_ptr, z_ptr,
+        N, C, D, H, W, O, OD, OH, OW, CG, OG,
+        KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
+        sxn, sxc, sxd, sxh, sxw,
+        sb0n, sb0c, sb0d, sb0h, sb0w,
+        sb1n, sb1c, sb1d, sb1h, sb1w,
+        syn, syc, syd, syh, syw,
+        szn, szc, szd, szh, szw,
+        g0y, g0pp, g0pn, g0np, g0nn, g1y, g1pp, g1pn, g1np, g1nn,
+        m0a, m0b, m0c, m0d, m1a, m1b, m1c, m1d,
+        NEED_Y: tl.constexpr, NEED_PP: tl.constexpr, NEED_PN: tl.constexpr, NEED_NP: tl.constexpr,
+        NEED_NN: tl.constexpr, Y_FROM_PARTS: tl.constexpr, HAS_B0: tl.constexpr, HAS_B1: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_ZBIAS: tl.constexpr, WRITE_Z: tl.constexpr, GROUPS_Z: tl.constexpr,
+        PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # rows: output positions (n, od, oh, ow); columns: output channels of conv group g
+    pid_m, pid_n, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    m_ok = rm < N * OD * OH * OW
+    n_ok = rn < OG
+    ow = rm % OW
+    rest = rm // OW
+    oh = rest % OH
+    rest = rest // OH
+    od = rest % OD
+    nb = rest // OD
+    id0, ih0, iw0 = od * SD - PD, oh * SH - PH, ow * SW - PW
+    kvol = KD * KH * KW
+    kg = CG * kvol
+    w_rows = (g * OG + rn) * kg
+    x_base = nb * sxn + g * CG * sxc
+
+    acc_y = tl.zeros((BM, BN), tl.float32)
+    acc_pp = tl.zeros((BM, BN), tl.float32)
+    acc_pn = tl.zeros((BM, BN), tl.float32)
+    acc_np = tl.zeros((BM, BN), tl.float32)
+    acc_nn = tl.zeros((BM, BN), tl.float32)
+    acc_k0 = tl.zeros((BM, BN), tl.float32)
+    acc_k1 = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(0, kg, BK):
+        rk = k0 + tl.arange(0, BK)
+        k_ok = rk < kg
+        c = rk // kvol
+        r = rk % kvol
+        kw = r % KW
+        r = r // KW
+        kh = r % KH
+        kd = r // KH
+        i_d = id0[:, None] + kd[None, :] * DD
+        i_h = ih0[:, None] + kh[None, :] * DH
+        i_w = iw0[:, None] + kw[None, :] * DW
+        # zero padding: out-of-range taps read 0 for every modified input alike
+        inside = (m_ok[:, None] & k_ok[None, :] & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H)
+                  & (i_w >= 0) & (i_w < W))
+        w_ok = k_ok[:, None] & n_ok[None, :]
+        w = tl.load(w_ptr + w_rows[None, :] + rk[:, None], mask=w_ok, other=0.0)
+        if NEED_Y or NEED_PP or NEED_PN or NEED_NP or NEED_NN:
+            x = tl.load(x_ptr + x_base[:, None] + c[None, :] * sxc + i_d * sxd + i_h * sxh + i_w * sxw,
+                        mask=inside, other=0.0)
+            if NEED_Y:
+                acc_y = tl.dot(x, w, acc_y, input_precision=PREC)
+            if NEED_PP or NEED_PN or NEED_NP or NEED_NN:
+                xp, xn = _split(x)
+                wp, wn = _split(w)
+                if NEED_PP:
+                    acc_pp = tl.dot(xp, wp, acc_pp, input_precision=PREC)
+                if NEED_PN:
+                    acc_pn = tl.dot(xp, wn, acc_pn, input_precision=PREC)
+                if NEED_NP:
+                    acc_np = tl.dot(xn, wp, acc_np, input_precision=PREC)
+                if NEED_NN:
+                    acc_nn = tl.dot(xn, wn, acc_nn, input_precision=PREC)
+        if HAS_B0:
+            b0 = tl.load(b0_ptr + nb[:, None] * sb0n + (g * CG + c)[None, :] * sb0c + i_d * sb0d + i_h * sb0h
+                         + i_w * sb0w, mask=inside, other=0.0)
+            acc_k0 = tl.dot(b0, _bound_weight(w, w_ok, m0a, m0b, m0c, m0d), acc_k0, input_precision=PREC)
+        if HAS_B1:
+            b1 = tl.load(b1_ptr + nb[:, None] * sb1n + (g * CG + c)[None, :] * sb1c + i_d * sb1d + i_h * sb1h
+                         + i_w * sb1w, mask=inside, other=0.0)
+            acc_k1 = tl.dot(b1, _bound_weight(w, w_ok, m1a, m1b, m1c, m1d), acc_k1, input_precision=PREC)
+
+    ch = g * OG + rn
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    if Y_FROM_PARTS:  # W+ + W- = W: the split products already hold the output
+        y = acc_pp + acc_pn + acc_np + acc_nn
+    else:
+        y = acc_y
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + ch, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_off = nb[:, None] * syn + ch[None, :] * syc + (od * syd + oh * syh + ow * syw)[:, None]
+    tl.store(y_ptr + y_off, y.to(y_ptr.dtype.element_ty), mask=out_ok)
+    if WRITE_Z:
+        z_off = nb[:, None] * szn + ch[None, :] * szc + (od * szd + oh * szh + ow * szw)[:, None]
+        z0 = g0y * acc_y + g0pp * acc_pp + g0pn * acc_pn + g0np * acc_np + g0nn * acc_nn + acc_k0 + acc_k1
+        if HAS_ZBIAS:
+            z0 += tl.load(zbias_ptr + ch, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(z_ptr + z_off, z0.to(z_ptr.dtype.element_ty), mask=out_ok)
+        if GROUPS_Z == 2:
+            z1 = g1y * acc_y + g1pp * acc_pp + g1pn * acc_pn + g1np * acc_np + g1nn * acc_nn
+            if HAS_ZBIAS:
+                z1 += tl.load(zbias_ptr + O + ch, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(z_ptr + O * szc + z_off, z1.to(z_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def _stabilized_share(r, z, y, coefficient, epsilon, MASK: tl.constexpr):
+    """c * mask(y) * R / stab(z), stab(z) = z + eps * sign(z) with sign(0) = +1."""
+    s = coefficient * r / (z + tl.where(z >= 0, epsilon, -epsilon))
+    if MASK == 1:
+        s = tl.where(y > 0, s, 0.0)
+    if MASK == 2:
+        s = tl.where(y < 0, s, 0.0)
+    return s
+
+
+@triton.autotune(configs=_configs(), key=_AUTOTUNE_KEY)
+@triton.jit
+def _lrp_relevance_kernel(
+        x_ptr, w_ptr, r_ptr, z_ptr, y_ptr, b0_ptr, b1_ptr, out_ptr,
+        N, C, D, H, W, O, OD, OH, OW, CG, OG,
+        KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
+        sxn, sxc, sxd, sxh, sxw,
+        sb0n, sb0c, sb0d, sb0h, sb0w,
+        sb1n, sb1c, sb1d, sb1h, sb1w,
+        srn, src, srd, srh, srw,
+        szn, szc, szd, szh, szw,
+        syn, syc, syd, syh, syw,
+        son, soc, sod, soh, sow,
+        g0y, g0pp, g0pn, g0np, g0nn, g1y, g1pp, g1pn, g1np, g1nn,
+        m0a, m0b, m0c, m0d, m1a, m1b, m1c, m1d,
+        c0, c1, epsilon,
+        NEED_Y: tl.constexpr, NEED_PP: tl.constexpr, NEED_PN: tl.constexpr, NEED_NP: tl.constexpr,
+        NEED_NN: tl.constexpr, HAS_B0: tl.constexpr, HAS_B1: tl.constexpr, GROUPS_Z: tl.constexpr,
+        MASK0: tl.constexpr, MASK1: tl.constexpr,
+        PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # rows: input positions (n, id, ih, iw); columns: input channels of conv group g;
+    # reduction: (output channel of the group, kd, kh, kw), taps that land between strides skipped
+    pid_m, pid_n, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rc = pid_n * BN + tl.arange(0, BN)
+    m_ok = rm < N * D * H * W
+    c_ok = rc < CG
+    iw = rm % W
+    rest = rm // W
+    ih = rest % H
+    rest = rest // H
+    i_d = rest % D
+    nb = rest // D
+    kvol = KD * KH * KW
+    kg = CG * kvol
+    kt = OG * kvol
+
+    acc_x = tl.zeros((BM, BN), tl.float32)
+    acc_pos = tl.zeros((BM, BN), tl.float32)
+    acc_neg = tl.zeros((BM, BN), tl.float32)
+    acc_k0 = tl.zeros((BM, BN), tl.float32)
+    acc_k1 = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(0, kt, BK):
+        rk = k0 + tl.arange(0, BK)
+        k_ok = rk < kt
+        o = rk // kvol
+        tap = rk % kvol
+        r = tap
+        kw = r % KW
+        r = r // KW
+        kh = r % KH
+        kd = r // KH
+        td = i_d[:, None] + PD - kd[None, :] * DD
+        th = ih[:, None] + PH - kh[None, :] * DH
+        tw = iw[:, None] + PW - kw[None, :] * DW
+        o_d, o_h, o_w = td // SD, th // SH, tw // SW
+        hit = (m_ok[:, None] & k_ok[None, :] & (td >= 0) & (td % SD == 0) & (o_d < OD) & (th >= 0)
+               & (th % SH == 0) & (o_h < OH) & (tw >= 0) & (tw % SW == 0) & (o_w < OW))
+        ch = (g * OG + o)[None, :]
+        pos = nb[:, None]
+        # prologue: the stabilized division, from R and z as they are read
+        rel = tl.load(r_ptr + pos * srn + ch * src + o_d * srd + o_h * srh + o_w * srw, mask=hit,
+                      other=0.0).to(tl.float32)
+        z_off = pos * szn + ch * szc + o_d * szd + o_h * szh + o_w * szw
+        y_off = pos * syn + ch * syc + o_d * syd + o_h * syh + o_w * syw
+        y = rel
+        if MASK0 != 0 or MASK1 != 0:
+            y = tl.load(y_ptr + y_off, mask=hit, other=0.0).to(tl.float32)
+        z0 = tl.load(z_ptr + z_off, mask=hit, other=1.0).to(tl.float32)
+        s0 = _stabilized_share(rel, z0, y, c0, epsilon, MASK0)
+        s1 = tl.zeros_like(s0)
+        if GROUPS_Z == 2:
+            z1 = tl.load(z_ptr + O * szc + z_off, mask=hit, other=1.0).to(tl.float32)
+            s1 = _stabilized_share(rel, z1, y, c1, epsilon, MASK1)
+
+        w_ok = k_ok[:, None] & c_ok[None, :]
+        w = tl.load(w_ptr + ((g * OG + o) * kg + tap)[:, None] + (rc * kvol)[None, :], mask=w_ok, other=0.0)
+        dt = w.dtype
+        if NEED_Y:
+            acc_x = tl.dot((g0y * s0 + g1y * s1).to(dt), w, acc_x, input_precision=PREC)
+        if NEED_PP or NEED_PN or NEED_NP or NEED_NN:
+            wp, wn = _split(w)
+            if NEED_PP:
+                acc_pos = tl.dot((g0pp * s0 + g1pp * s1).to(dt), wp, acc_pos, input_precision=PREC)
+            if NEED_PN:
+                acc_pos = tl.dot((g0pn * s0 + g1pn * s1).to(dt), wn, acc_pos, input_precision=PREC)
+            if NEED_NP:
+                acc_neg = tl.dot((g0np * s0 + g1np * s1).to(dt), wp, acc_neg, input_precision=PREC)
+            if NEED_NN:
+                acc_neg = tl.dot((g0nn * s0 + g1nn * s1).to(dt), wn, acc_neg, input_precision=PREC)
+        if HAS_B0:
+            acc_k0 = tl.dot(s0.to(dt), _bound_weight(w, w_ok, m0a, m0b, m0c, m0d), acc_k0, input_precision=PREC)
+        if HAS_B1:
+            acc_k1 = tl.dot(s0.to(dt), _bound_weight(w, w_ok, m1a, m1b, m1c, m1d), acc_k1, input_precision=PREC)
+
+    # epilogue: multiply by the modified inputs and sum the parts
+    ci = (g * CG + rc)[None, :]
+    sp = nb[:, None]
+    out_ok = m_ok[:, None] & c_ok[None, :]
+    rel_in = tl.zeros((BM, BN), tl.float32)
+    if NEED_Y or NEED_PP or NEED_PN or NEED_NP or NEED_NN:
+        x = tl.load(x_ptr + sp * sxn + ci * sxc + (i_d * sxd + ih * sxh + iw * sxw)[:, None], mask=out_ok,
+                    other=0.0).to(tl.float32)
+        rel_in += x * acc_x + tl.maximum(x, 0.0) * acc_pos + tl.minimum(x, 0.0) * acc_neg
+    if HAS_B0:
+        b0 = tl.load(b0_ptr + sp * sb0n + ci * sb0c + (i_d * sb0d + ih * sb0h + iw * sb0w)[:, None],
+                     mask=out_ok, other=0.0).to(tl.float32)
+        rel_in += b0 * acc_k0
+    if HAS_B1:
+        b1 = tl.load(b1_ptr + sp * sb1n + ci * sb1c + (i_d * sb1d + ih * sb1h + iw * sb1w)[:, None],
+                     mask=out_ok, other=0.0).to(tl.float32)
+        rel_in += b1 * acc_k1
+    tl.store(out_ptr + sp * son + ci * soc + (i_d * sod + ih * soh + iw * sow)[:, None],
+             rel_in.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+
+# ---------------------------------------------------------------- host launchers
+
+def _strides(t):
+    return tuple(t.stride())
+
+
+def _needs(coefficients):
+    """Which products some group uses (a zero column is never computed)."""
+    return [any(coefficients[g * 5 + p] != 0.0 for g in range(2)) for p in range(5)]
+
+
+def _precision(dtype, allow_tf32: bool):
+    import torch
+    return "tf32" if (dtype != torch.float32 or allow_tf32) else "ieee"
+
+
+def _geometry(x, weight, y, stride, padding, dilation, groups):
+    n, c, d, h, w = x.shape
+    o, _, kd, kh, kw = weight.shape
+    return (n, c, d, h, w, o, y.shape[2], y.shape[3], y.shape[4], c // groups, o // groups, kd, kh, kw,
+            *stride, *padding, *dilation)
+
+
+def launch_forward(x, weight, bias, z_bias, bound0, bound1, y, z, coefficients, bound_modifiers, groups_z: int,
+                   nonnegative_input: bool, stride, padding, dilation, groups: int, allow_tf32: bool = False,
+                   wrap=None):
+    """Write y = f(x; W, b) and z_g (channels g*O .. (g+1)*O of z) for 5-d views; ``z`` None: z_0 is y.
+
+    ``coefficients``: 10 floats, per group (y, pp, pn, np, nn); ``bound_modifiers``: 8 floats,
+    (a, b, c, d) of M_0 and M_1. ``wrap``: torch.library.wrap_triton inside a triton_op."""
+    _, need_pp, need_pn, need_np, need_nn = _needs(coefficients)  # y itself is always needed
+    # the output from the split products: all four, or the two that exist when x- = 0
+    parts_hold_y = (need_pp and need_pn and need_np and need_nn) or (nonnegative_input and need_pp and need_pn
+                                                                    and not need_np and not need_nn)
+    geometry = _geometry(x, weight, y, stride, padding, dilation, groups)
+    m_rows, og = x.shape[0] * y.shape[2] * y.shape[3] * y.shape[4], geometry[10]
+    b0, b1 = (bound0 if bound0 is not None else x), (bound1 if bound1 is not None else x)
+    z_view = z if z is not None else y
+    kernel = _lrp_forward_kernel if wrap is None else wrap(_lrp_forward_kernel)
+    grid = lambda meta: (triton.cdiv(m_rows, meta["BM"]), triton.cdiv(og, meta["BN"]), groups)  # noqa: E731
+    kernel[grid](
+        x, weight, bias if bias is not None else y, z_bias if z_bias is not None else y, b0, b1, y, z_view,
+        *geometry, *_strides(x), *_strides(b0), *_strides(b1), *_strides(y), *_strides(z_view),
+        *[float(v) for v in coefficients], *[float(v) for v in bound_modifiers],
+        NEED_Y=not parts_hold_y, NEED_PP=need_pp, NEED_PN=need_pn, NEED_NP=need_np, NEED_NN=need_nn,
+        Y_FROM_PARTS=parts_hold_y, HAS_B0=bound0 is not None, HAS_B1=bound1 is not None,
+        HAS_BIAS=bias is not None, HAS_ZBIAS=z_bias is not None, WRITE_Z=z is not None, GROUPS_Z=groups_z,
+        PREC=_precision(x.dtype, allow_tf32))
+
+
+def launch_relevance(x, weight, relevance, z, y, bound0, bound1, out, coefficients, bound_modifiers,
+                     group_coefficients, group_masks, epsilon: float, stride, padding, dilation, groups: int,
+                     allow_tf32: bool = False, wrap=None):
+    """Write R_in = sum over parts of m(x) * f^T(s; W_part) into ``out`` (5-d views)."""
+    need_y, need_pp, need_pn, need_np, need_nn = _needs(coefficients)
+    groups_z = len(group_coefficients)
+    geometry = _geometry(x, weight, relevance, stride, padding, dilation, groups)
+    m_rows, cg = x.shape[0] * x.shape[2] * x.shape[3] * x.shape[4], geometry[9]
+    b0, b1 = (bound0 if bound0 is not None else x), (bound1 if bound1 is not None else x)
+    c = list(group_coefficients) + [0.0] * (2 - groups_z)
+    masks = list(group_masks) + [MASK_NONE] * (2 - groups_z)
+    kernel = _lrp_relevance_kernel if wrap is None else wrap(_lrp_relevance_kernel)
+    grid = lambda meta: (triton.cdiv(m_rows, meta["BM"]), triton.cdiv(cg, meta["BN"]), groups)  # noqa: E731
+    kernel[grid](
+        x, weight, relevance, z, y, b0, b1, out,
+        *geometry, *_strides(x), *_strides(b0), *_strides(b1), *_strides(relevance), *_strides(z), *_strides(y),
+        *_strides(out), *[float(v) for v in coefficients], *[float(v) for v in bound_modifiers],
+        float(c[0]), float(c[1]), float(epsilon),
+        NEED_Y=need_y, NEED_PP=need_pp, NEED_PN=need_pn, NEED_NP=need_np, NEED_NN=need_nn,
+        HAS_B0=bound0 is not None, HAS_B1=bound1 is not None, GROUPS_Z=groups_z, MASK0=int(masks[0]),
+        MASK1=int(masks[1]), PREC=_precision(x.dtype, allow_tf32))

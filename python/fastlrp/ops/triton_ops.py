@@ -1,0 +1,477 @@
+"""The Triton kernels (``fastlrp.kernels``) as custom torch ops, ``torch.ops.fastlrp.triton_*``.
+
+Each op is a ``torch.library.triton_op``: its body allocates the outputs with torch and launches
+the kernels through ``wrap_triton``, so torch.compile sees (and can fuse around) the kernels.
+Where no Triton kernel can run (a CPU tensor outside ``TRITON_INTERPRET=1``, float64) the body
+computes the same formulas with plain torch ops: the reference implementation of the op.
+
+The public wrappers (``affine_forward``, ``affine_relevance``, ``pool_relevance``,
+``sum_relevance``) validate their arguments and name the bad one in the error.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from ..reference.stabilize import stabilize
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _load_kernels():
+    """``fastlrp.kernels``: installed next to the package, or the repository's kernels/ in a
+    source checkout (PYTHONPATH=python). None where Triton is missing."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    try:
+        from .. import kernels
+    except ImportError:
+        root = Path(__file__).resolve().parents[3] / "kernels"
+        if not (root / "__init__.py").exists():
+            return None
+        spec = importlib.util.spec_from_file_location("fastlrp.kernels", root / "__init__.py",
+                                                      submodule_search_locations=[str(root)])
+        kernels = importlib.util.module_from_spec(spec)
+        sys.modules["fastlrp.kernels"] = kernels
+        spec.loader.exec_module(kernels)
+    from fastlrp.kernels import affine_lrp, pool_lrp
+    return affine_lrp, pool_lrp
+
+
+_KERNELS = _load_kernels()
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_supports(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the Triton kernels run for tensors of this device and dtype: CUDA, or the CPU under
+    ``TRITON_INTERPRET=1`` (float32/float16 there: the interpreter's bfloat16 dot is wrong)."""
+    if _KERNELS is None or dtype not in TRITON_DTYPES:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and interpreting() and dtype != torch.bfloat16
+
+
+def _allow_tf32() -> bool:
+    # float32 products use TF32 only where the user allowed it for matmuls (documented in docs/triton.md)
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def _like_layout(shape, like: Tensor) -> Tensor:
+    """A new tensor of ``shape`` with ``like``'s memory format (channels-last stays channels-last)."""
+    if like.ndim in (4, 5) and not like.is_contiguous():
+        fmt = torch.channels_last if like.ndim == 4 else torch.channels_last_3d
+        if like.is_contiguous(memory_format=fmt):
+            return _new_output(shape, like, fmt)
+    return _new_output(shape, like, torch.contiguous_format)
+
+
+def _new_output(shape, like: Tensor, memory_format) -> Tensor:
+    """Every op output is allocated here (tests replace it to poison outputs)."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
+
+
+def _as_5d(t: Tensor) -> Tensor:
+    """(N, C, *0-3 spatial) viewed as (N, C, D, H, W) with unit leading spatial dims, without a copy."""
+    while t.ndim < 5:
+        t = t.unsqueeze(2)
+    return t
+
+
+def _pad3(v: Sequence[int], fill: int) -> list:
+    return [fill] * (3 - len(v)) + list(v)
+
+
+def _out_size(size, kernel, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+# ---------------------------------------------------------------- linear layers
+
+def _conv(x, weight, stride, padding, dilation, groups):
+    dims = x.ndim - 2
+    if dims == 0:
+        return torch.nn.functional.linear(x, weight)
+    conv = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}[dims]
+    return conv(x, weight, None, stride, padding, dilation, groups)
+
+
+def _conv_t(s, weight, input_shape, stride, padding, dilation, groups):
+    if s.ndim == 2:
+        return s.matmul(weight)
+    dummy = s.new_empty(1).expand(input_shape)  # convolution_backward reads only its shape
+    return torch.ops.aten.convolution_backward(s, dummy, weight, None, list(stride), list(padding),
+                                               list(dilation), False, [0] * (s.ndim - 2), groups,
+                                               [True, False, False])[0]
+
+
+def _bound_weight(weight, modifiers):
+    a, b, c, d = modifiers
+    return a * weight.clamp(min=0) + b * weight.clamp(max=0) + c * weight * weight + d * torch.ones_like(weight)
+
+
+def _split_products(x, weight, fn, need):
+    """The five products the kernels form from tiles, here as whole tensors (the torch path)."""
+    xp, xn, wp, wn = x.clamp(min=0), x.clamp(max=0), weight.clamp(min=0), weight.clamp(max=0)
+    pairs = [(x, weight), (xp, wp), (xp, wn), (xn, wp), (xn, wn)]
+    return [fn(a, w) if n else None for (a, w), n in zip(pairs, need)]
+
+
+def _forward_torch(x, weight, bias, z_bias, bound0, bound1, coefficients, bound_modifiers, groups_z,
+                   stride, padding, dilation, groups):
+    conv = lambda a, w: _conv(a, w, stride, padding, dilation, groups)  # noqa: E731
+    need = [any(coefficients[g * 5 + p] != 0 for g in range(2)) for p in range(5)]
+    products = _split_products(x, weight, conv, need)
+    y = conv(x, weight) if products[0] is None else products[0]
+    bshape = (1, -1) + (1,) * (x.ndim - 2)
+    zs = []
+    for g in range(groups_z):
+        z = sum(coefficients[g * 5 + p] * products[p] for p in range(5) if products[p] is not None)
+        z = torch.zeros_like(y) + z
+        if g == 0:
+            for b, m in ((bound0, bound_modifiers[:4]), (bound1, bound_modifiers[4:])):
+                if b is not None:
+                    z = z + conv(b, _bound_weight(weight, m))
+        if z_bias is not None:
+            z = z + z_bias[g * y.shape[1]:(g + 1) * y.shape[1]].reshape(bshape)
+        zs.append(z)
+    if bias is not None:
+        y = y + bias.reshape(bshape)
+    return y, torch.cat(zs, dim=1)
+
+
+def _relevance_torch(x, weight, relevance, z, y, bound0, bound1, coefficients, bound_modifiers,
+                     group_coefficients, group_masks, epsilon, stride, padding, dilation, groups):
+    c_out = relevance.shape[1]
+    shares = []
+    for g, (c, mask) in enumerate(zip(group_coefficients, group_masks)):
+        s = c * relevance / stabilize(z.narrow(1, g * c_out, c_out), epsilon)
+        if mask == 1:
+            s = s * (y > 0).to(s.dtype)
+        elif mask == 2:
+            s = s * (y < 0).to(s.dtype)
+        shares.append(s)
+    conv_t = lambda s, w: _conv_t(s, w, x.shape, stride, padding, dilation, groups)  # noqa: E731
+    xp, xn, wp, wn = x.clamp(min=0), x.clamp(max=0), weight.clamp(min=0), weight.clamp(max=0)
+    total = torch.zeros_like(x)
+    for p, (inp, w) in enumerate([(x, weight), (xp, wp), (xp, wn), (xn, wp), (xn, wn)]):
+        cs = [coefficients[g * 5 + p] for g in range(len(shares))]
+        if any(cs):
+            total = total + inp * conv_t(sum(c * s for c, s in zip(cs, shares)), w)
+    for b, m in ((bound0, bound_modifiers[:4]), (bound1, bound_modifiers[4:])):
+        if b is not None:
+            total = total + b * conv_t(shares[0], _bound_weight(weight, m))
+    return total
+
+
+def _forward_outputs(x, weight, groups_z, write_z, stride, padding, dilation):
+    spatial = [_out_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
+               for i in range(x.ndim - 2)]
+    c_out = weight.shape[0]
+    y = _like_layout([x.shape[0], c_out] + spatial, x)
+    z = _like_layout([x.shape[0], groups_z * c_out] + spatial, x) if write_z else x.new_empty(0)
+    return y, z
+
+
+@triton_op("fastlrp::triton_affine_forward", mutates_args=())
+def _affine_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], z_bias: Optional[Tensor],
+                    bound0: Optional[Tensor], bound1: Optional[Tensor], coefficients: list[float],
+                    bound_modifiers: list[float], groups_z: int, write_z: bool, nonnegative_input: bool,
+                    stride: list[int], padding: list[int], dilation: list[int], groups: int) -> tuple[Tensor, Tensor]:
+    y, z = _forward_outputs(x, weight, groups_z, write_z, stride, padding, dilation)
+    if not triton_supports(x.device, x.dtype):
+        y_ref, z_ref = _forward_torch(x, weight, bias, z_bias, bound0, bound1, coefficients, bound_modifiers,
+                                      groups_z, stride, padding, dilation, groups)
+        y.copy_(y_ref)
+        if write_z:
+            z.copy_(z_ref)
+        return y, z
+    _KERNELS[0].launch_forward(
+        _as_5d(x), _as_5d(weight), bias, z_bias, None if bound0 is None else _as_5d(bound0),
+        None if bound1 is None else _as_5d(bound1), _as_5d(y), _as_5d(z) if write_z else None, coefficients,
+        bound_modifiers, groups_z, nonnegative_input, _pad3(stride, 1), _pad3(padding, 0), _pad3(dilation, 1),
+        groups, allow_tf32=_allow_tf32(), wrap=wrap_triton)
+    return y, z
+
+
+@triton_op("fastlrp::triton_affine_relevance", mutates_args=())
+def _affine_relevance(x: Tensor, weight: Tensor, relevance: Tensor, z: Tensor, y: Tensor, bound0: Optional[Tensor],
+                      bound1: Optional[Tensor], coefficients: list[float], bound_modifiers: list[float],
+                      group_coefficients: list[float], group_masks: list[int], epsilon: float, stride: list[int],
+                      padding: list[int], dilation: list[int], groups: int) -> Tensor:
+    out = _like_layout(x.shape, x)
+    if not triton_supports(x.device, x.dtype):
+        out.copy_(_relevance_torch(x, weight, relevance, z, y, bound0, bound1, coefficients, bound_modifiers,
+                                   group_coefficients, group_masks, epsilon, stride, padding, dilation, groups))
+        return out
+    _KERNELS[0].launch_relevance(
+        _as_5d(x), _as_5d(weight), _as_5d(relevance), _as_5d(z), _as_5d(y),
+        None if bound0 is None else _as_5d(bound0), None if bound1 is None else _as_5d(bound1), _as_5d(out),
+        coefficients, bound_modifiers, group_coefficients, group_masks, epsilon, _pad3(stride, 1),
+        _pad3(padding, 0), _pad3(dilation, 1), groups, allow_tf32=_allow_tf32(), wrap=wrap_triton)
+    return out
+
+
+# Explicit fakes: the default fake of a triton_op runs its body, which under TRITON_INTERPRET=1
+# would hand fake tensors to the interpreter.
+@_affine_forward.register_fake
+def _(x, weight, bias, z_bias, bound0, bound1, coefficients, bound_modifiers, groups_z, write_z,
+      nonnegative_input, stride, padding, dilation, groups):
+    return _forward_outputs(x, weight, groups_z, write_z, stride, padding, dilation)
+
+
+@_affine_relevance.register_fake
+def _(x, weight, relevance, z, y, bound0, bound1, coefficients, bound_modifiers, group_coefficients, group_masks,
+      epsilon, stride, padding, dilation, groups):
+    return _like_layout(x.shape, x)
+
+
+def _check_tensor(t, name, op, like=None, like_name=None):
+    if not isinstance(t, Tensor):
+        raise TypeError(f"fastlrp.ops.{op}: {name} must be a tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"fastlrp.ops.{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    if like is not None:
+        if t.device != like.device:
+            raise ValueError(f"fastlrp.ops.{op}: {name} is on {t.device} but {like_name} is on {like.device}")
+        if t.dtype != like.dtype:
+            raise TypeError(f"fastlrp.ops.{op}: {name} is {t.dtype} but {like_name} is {like.dtype}")
+
+
+def _check_geometry(x, weight, stride, padding, dilation, groups, op):
+    dims = x.ndim - 2
+    if dims not in (0, 1, 2, 3) or weight.ndim != x.ndim:
+        raise ValueError(f"fastlrp.ops.{op}: x must be (N, C) or (N, C, *1-3 spatial) and weight (O, C/groups, "
+                         f"*kernel) of the same rank, got x {tuple(x.shape)} and weight {tuple(weight.shape)}")
+    for name, v, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if len(v) != dims or any(int(i) < low for i in v):
+            raise ValueError(f"fastlrp.ops.{op}: {name} must hold {dims} ints >= {low}, got {list(v)}")
+    if groups < 1 or x.shape[1] % groups or weight.shape[0] % groups or weight.shape[1] * groups != x.shape[1]:
+        raise ValueError(f"fastlrp.ops.{op}: groups={groups} does not fit x with {x.shape[1]} channels and "
+                         f"weight {tuple(weight.shape)}")
+
+
+def _check_rule_numbers(coefficients, bound_modifiers, groups_z, op):
+    if len(coefficients) != 10:
+        raise ValueError(f"fastlrp.ops.{op}: coefficients must hold 10 numbers (2 groups x y, pp, pn, np, nn), "
+                         f"got {len(coefficients)}")
+    if len(bound_modifiers) != 8:
+        raise ValueError(f"fastlrp.ops.{op}: bound_modifiers must hold 8 numbers ((a, b, c, d) twice), "
+                         f"got {len(bound_modifiers)}")
+    if groups_z not in (1, 2):
+        raise ValueError(f"fastlrp.ops.{op}: 1 or 2 denominator groups supported, got {groups_z}")
+
+
+def affine_forward(x: Tensor, weight: Tensor, bias: Tensor | None, z_bias: Tensor | None, bounds: Sequence,
+                   coefficients: Sequence[float], bound_modifiers: Sequence[float], groups_z: int,
+                   write_z: bool = True, nonnegative_input: bool = False, stride=(), padding=(), dilation=(),
+                   groups: int = 1):
+    """(y, z): the layer output f(x; W, b) and every z_g stacked along channels, in one pass.
+
+    ``bounds``: up to two tensors broadcast to x (ones, ZBox bounds) or None; ``write_z=False``
+    when z_0 is y itself (z is then an empty tensor)."""
+    op = "affine_forward"
+    _check_tensor(x, "x", op)
+    _check_tensor(weight, "weight", op, x, "x")
+    _check_geometry(x, weight, stride, padding, dilation, groups, op)
+    _check_rule_numbers(coefficients, bound_modifiers, groups_z, op)
+    bound0, bound1 = (list(bounds) + [None, None])[:2]
+    for name, t, size in (("bias", bias, weight.shape[0]), ("z_bias", z_bias, weight.shape[0] * groups_z)):
+        if t is not None:
+            _check_tensor(t, name, op, x, "x")
+            if tuple(t.shape) != (size,):
+                raise ValueError(f"fastlrp.ops.{op}: {name} must have shape ({size},), got {tuple(t.shape)}")
+    bound0, bound1 = (_checked_bound(b, f"bounds[{k}]", x, op) for k, b in enumerate((bound0, bound1)))
+    return _affine_forward(x, weight, bias, z_bias, bound0, bound1, [float(c) for c in coefficients],
+                           [float(m) for m in bound_modifiers], int(groups_z), bool(write_z), bool(nonnegative_input),
+                           [int(v) for v in stride], [int(v) for v in padding], [int(v) for v in dilation], int(groups))
+
+
+def _checked_bound(b, name, x, op):
+    if b is None:
+        return None
+    _check_tensor(b, name, op, x, "x")
+    try:
+        return b.expand(x.shape)
+    except RuntimeError:
+        raise ValueError(f"fastlrp.ops.{op}: {name} of shape {tuple(b.shape)} does not broadcast to x's shape "
+                         f"{tuple(x.shape)}") from None
+
+
+def affine_relevance(x: Tensor, weight: Tensor, relevance: Tensor, z: Tensor, y: Tensor, bounds: Sequence,
+                     coefficients: Sequence[float], bound_modifiers: Sequence[float],
+                     group_coefficients: Sequence[float], group_masks: Sequence[int], epsilon: float = 1e-6,
+                     stride=(), padding=(), dilation=(), groups: int = 1) -> Tensor:
+    """R_in = sum over the rule's parts of m(x) * f^T(c_g mask_g R / stab(z_g); W_part), in one pass."""
+    op = "affine_relevance"
+    _check_tensor(x, "x", op)
+    for name, t in (("weight", weight), ("relevance", relevance), ("z", z), ("y", y)):
+        _check_tensor(t, name, op, x, "x")
+    _check_geometry(x, weight, stride, padding, dilation, groups, op)
+    groups_z = len(group_coefficients)
+    _check_rule_numbers(coefficients, bound_modifiers, groups_z, op)
+    if len(group_masks) != groups_z or any(int(m) not in (0, 1, 2) for m in group_masks):
+        raise ValueError(f"fastlrp.ops.{op}: group_masks must hold one of 0, 1, 2 per group, got {list(group_masks)}")
+    if y.shape != relevance.shape:
+        raise ValueError(f"fastlrp.ops.{op}: y has shape {tuple(y.shape)} but relevance has {tuple(relevance.shape)}")
+    expected = (relevance.shape[0], relevance.shape[1] * groups_z) + tuple(relevance.shape[2:])
+    if tuple(z.shape) != expected:
+        raise ValueError(f"fastlrp.ops.{op}: z must have shape {expected} ({groups_z} groups along channels), "
+                         f"got {tuple(z.shape)}")
+    bound0, bound1 = (list(bounds) + [None, None])[:2]
+    bound0, bound1 = (_checked_bound(b, f"bounds[{k}]", x, op) for k, b in enumerate((bound0, bound1)))
+    return _affine_relevance(x, weight, relevance, z, y, bound0, bound1, [float(c) for c in coefficients],
+                             [float(m) for m in bound_modifiers], [float(c) for c in group_coefficients],
+                             [int(m) for m in group_masks], float(epsilon), [int(v) for v in stride],
+                             [int(v) for v in padding], [int(v) for v in dilation], int(groups))
+
+
+# ---------------------------------------------------------------- pooling and sums
+
+def _pool_torch(x, relevance, y, mode, kernel, stride, padding, adaptive, count_include_pad, divisor_override,
+                epsilon):
+    from ..reference import maxpool_proportional, norm
+    dims = x.ndim - 2
+    F = torch.nn.functional
+    if mode == 1:
+        return maxpool_proportional(x, relevance, kernel, stride, padding, False, epsilon)
+    if adaptive:
+        pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[dims]
+        return norm(lambda t: pool(t, tuple(relevance.shape[2:])), [x], relevance, epsilon)[0]
+    # the output size is given by relevance, so ceil_mode is implied: pool with it and crop
+    pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[dims]
+    extra = {} if dims == 1 else {"divisor_override": divisor_override or None}
+
+    def fn(t):
+        out = pool(t, kernel, stride, padding, True, count_include_pad, **extra)
+        return out[(slice(None), slice(None)) + tuple(slice(0, s) for s in relevance.shape[2:])]
+    return norm(fn, [x], relevance, epsilon)[0]
+
+
+@triton_op("fastlrp::triton_pool_relevance", mutates_args=())
+def _pool_relevance(x: Tensor, relevance: Tensor, y: Optional[Tensor], mode: int, kernel: list[int],
+                    stride: list[int], padding: list[int], adaptive: bool, count_include_pad: bool,
+                    divisor_override: int, epsilon: float) -> Tensor:
+    out = _like_layout(x.shape, x)
+    if not triton_supports(x.device, x.dtype):
+        out.copy_(_pool_torch(x, relevance, y, mode, kernel, stride, padding, adaptive, count_include_pad,
+                              divisor_override, epsilon))
+        return out
+    share = torch.empty(relevance.shape, dtype=torch.float32, device=x.device)
+    _KERNELS[1].launch_pool(_as_5d(x), _as_5d(relevance), None if y is None else _as_5d(y), _as_5d(share),
+                            _as_5d(out), mode, _pad3(kernel, 1), _pad3(stride, 1), _pad3(padding, 0), adaptive,
+                            count_include_pad, divisor_override, epsilon, wrap=wrap_triton)
+    return out
+
+
+@_pool_relevance.register_fake
+def _(x, relevance, y, mode, kernel, stride, padding, adaptive, count_include_pad, divisor_override, epsilon):
+    return _like_layout(x.shape, x)
+
+
+def pool_relevance(x: Tensor, relevance: Tensor, kind: str, kernel_size=None, stride=None, padding=0,
+                   count_include_pad: bool = True, divisor_override: int | None = None, y: Tensor | None = None,
+                   epsilon: float = 1e-6) -> Tensor:
+    """LRP of a 1d/2d/3d pooling layer: ``kind`` "avg" (Norm rule, ``y`` the pooled output),
+    "adaptive_avg" or "max_proportional". The output size (also under ``ceil_mode``) is relevance's."""
+    op = "triton_pool_relevance"
+    _check_tensor(x, "x", op)
+    _check_tensor(relevance, "relevance", op, x, "x")
+    if kind not in ("avg", "adaptive_avg", "max_proportional"):
+        raise ValueError(f"fastlrp.ops.{op}: kind must be 'avg', 'adaptive_avg' or 'max_proportional', got {kind!r}")
+    dims = x.ndim - 2
+    if dims not in (1, 2, 3) or relevance.ndim != x.ndim or relevance.shape[:2] != x.shape[:2]:
+        raise ValueError(f"fastlrp.ops.{op}: x (N, C, *1-3 spatial) and relevance (same N, C) expected, got "
+                         f"{tuple(x.shape)} and {tuple(relevance.shape)}")
+    if kind == "avg":
+        if y is None:
+            raise ValueError(f"fastlrp.ops.{op}: average pooling needs y, the pooled output")
+    if y is not None:
+        _check_tensor(y, "y", op, x, "x")
+        if y.shape != relevance.shape:
+            raise ValueError(f"fastlrp.ops.{op}: y has shape {tuple(y.shape)} but relevance has "
+                             f"{tuple(relevance.shape)}")
+    adaptive = kind == "adaptive_avg"
+    if adaptive:
+        kernel, stride_, pad = [1] * dims, [1] * dims, [0] * dims
+    else:
+        if kernel_size is None:
+            raise ValueError(f"fastlrp.ops.{op}: kernel_size is required for kind={kind!r}")
+        kernel = _ints(kernel_size, dims, "kernel_size", op, 1)
+        stride_ = _ints(kernel_size if stride is None or stride == [] else stride, dims, "stride", op, 1)
+        pad = _ints(padding, dims, "padding", op, 0)
+    return _pool_relevance(x, relevance, y if kind != "max_proportional" else None,
+                           1 if kind == "max_proportional" else 0, kernel, stride_, pad, adaptive,
+                           bool(count_include_pad), int(divisor_override or 0), float(epsilon))
+
+
+def _ints(v, dims, name, op, low):
+    v = list(v) if isinstance(v, (tuple, list)) else [v] * dims
+    if len(v) != dims or not all(isinstance(i, int) and i >= low for i in v):
+        raise ValueError(f"fastlrp.ops.{op}: {name} must be an int or {dims} ints >= {low}, got {v}")
+    return v
+
+
+def _dense_same_layout(tensors) -> bool:
+    first = tensors[0]
+    dense = first.is_contiguous() or (first.ndim in (4, 5) and first.is_contiguous(
+        memory_format=torch.channels_last if first.ndim == 4 else torch.channels_last_3d))
+    return dense and all(t.stride() == first.stride() for t in tensors)
+
+
+@triton_op("fastlrp::triton_sum_relevance", mutates_args=())
+def _sum_relevance(inputs: list[Tensor], alpha: list[float], y: Tensor, relevance: Tensor,
+                   epsilon: float) -> list[Tensor]:
+    outs = [_like_layout(relevance.shape, relevance) for _ in inputs]
+    if not triton_supports(relevance.device, relevance.dtype):
+        ratio = relevance / stabilize(y, epsilon)
+        for out, t, a in zip(outs, inputs, alpha):
+            out.copy_(t * (a * ratio))
+        return outs
+    tensors = list(inputs) + [y, relevance]
+    if not _dense_same_layout(tensors + outs):  # one flat index must address every tensor alike
+        tensors = [t.contiguous() for t in tensors]
+        flat_outs = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in outs]
+    else:
+        flat_outs = outs
+    _KERNELS[1].launch_sum(tensors[:-2], alpha, tensors[-2], tensors[-1], flat_outs, epsilon, wrap=wrap_triton)
+    if flat_outs is not outs:
+        for out, flat in zip(outs, flat_outs):
+            out.copy_(flat)
+    return outs
+
+
+@_sum_relevance.register_fake
+def _(inputs, alpha, y, relevance, epsilon):
+    return [_like_layout(relevance.shape, relevance) for _ in inputs]
+
+
+def sum_relevance(inputs: Sequence[Tensor], relevance: Tensor, y: Tensor, alpha: Sequence[float] | None = None,
+                  epsilon: float = 1e-6) -> list:
+    """Norm rule of y = sum_i a_i x_i: R_i = a_i x_i R / stab(y), two summands per kernel pass."""
+    op = "triton_sum_relevance"
+    _check_tensor(relevance, "relevance", op)
+    inputs = list(inputs)
+    if not inputs:
+        raise ValueError(f"fastlrp.ops.{op}: inputs must hold at least one tensor")
+    for k, t in enumerate(inputs + [y]):
+        name = f"inputs[{k}]" if k < len(inputs) else "y"
+        _check_tensor(t, name, op, relevance, "relevance")
+        if t.shape != relevance.shape:
+            raise ValueError(f"fastlrp.ops.{op}: {name} has shape {tuple(t.shape)} but relevance has "
+                             f"{tuple(relevance.shape)}")
+    alpha = [1.0] * len(inputs) if alpha is None else [float(a) for a in alpha]
+    if len(alpha) != len(inputs):
+        raise ValueError(f"fastlrp.ops.{op}: alpha needs one entry per input ({len(inputs)})")
+    return _sum_relevance(inputs, alpha, y, relevance, float(epsilon))
