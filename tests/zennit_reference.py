@@ -53,8 +53,5 @@ def zennit_relevance(model, x, composite, target, canonizers=(), **options):
 def densenet_canonizer(model):
     """Zennit's SequentialMergeBatchNorm fails on DenseNet (it pairs the last conv with norm5 of a
     different width), so name the pairs that really are conv -> batch norm for its NamedMergeBatchNorm."""
-    pairs = [(["features.conv0"], "features.norm0")]
-    for name, _ in model.named_modules():
-        if name.endswith(".conv1") and "denselayer" in name:
-            pairs.append(([name], name[: -len("conv1")] + "norm2"))
-    return zcan.NamedMergeBatchNorm(pairs)
+    from fastlrp.benchmark import densenet_batchnorm_pairs
+    return zcan.NamedMergeBatchNorm(densenet_batchnorm_pairs(model))

@@ -302,13 +302,23 @@ def _video_block_canonizer():
                               if isinstance(module, BasicBlock) else None)
 
 
-def _zennit_canonizers(model_name):
-    from zennit.canonizers import CompositeCanonizer, SequentialMergeBatchNorm
+def densenet_batchnorm_pairs(model):
+    """The conv -> batch norm pairs of a torchvision DenseNet: conv0 -> norm0 and, in every dense
+    layer, conv1 -> norm2 (the other norms follow a concatenation). Zennit's
+    SequentialMergeBatchNorm cannot be used: it pairs the last conv with norm5 and crashes."""
+    pairs = [(["features.conv0"], "features.norm0")]
+    pairs += [([name], name[: -len("conv1")] + "norm2") for name, _ in model.named_modules()
+              if "denselayer" in name and name.endswith(".conv1")]
+    return pairs
+
+
+def _zennit_canonizers(model_name, model):
+    from zennit.canonizers import CompositeCanonizer, NamedMergeBatchNorm, SequentialMergeBatchNorm
     from zennit.torchvision import ResNetCanonizer, VGGCanonizer
     if model_name == "r3d_18":  # its BatchNorms follow their convs inside nn.Sequential
         return CompositeCanonizer([SequentialMergeBatchNorm(), _video_block_canonizer()])
-    if model_name == "densenet121":  # only conv0 -> norm0 merges; the other norms precede a ReLU
-        return SequentialMergeBatchNorm()
+    if model_name == "densenet121":
+        return NamedMergeBatchNorm(densenet_batchnorm_pairs(model))
     return {"vgg16": VGGCanonizer, "resnet50": ResNetCanonizer}[model_name]()
 
 
@@ -377,7 +387,7 @@ def zennit_provider(model, composite, model_name, **_):
     import zennit.composites
     from zennit.attribution import Gradient
     cls_name, options = COMPOSITES[composite]
-    zcomposite = getattr(zennit.composites, cls_name)(canonizers=[_zennit_canonizers(model_name)], **options)
+    zcomposite = getattr(zennit.composites, cls_name)(canonizers=[_zennit_canonizers(model_name, model)], **options)
     # Hooks and canonizers are attached once, outside the timed calls, as a user would.
     with Gradient(model=model, composite=zcomposite) as attributor:
         yield lambda x, target: attributor(x, attr_output=lambda out: one_hot_logit(out, target))[1]
