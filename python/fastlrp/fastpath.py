@@ -154,7 +154,7 @@ class BlockRule:
         """The layer's output from the stacked z (only where ``output_divisor`` is set)."""
         c_out = z.shape[1] // 2
         total = z.narrow(1, 0, c_out) + z.narrow(1, c_out, c_out)
-        return total if self.output_divisor == 1.0 else total / self.output_divisor
+        return total if self.output_divisor == 1.0 else total.div_(self.output_divisor)
 
     def z(self, x, output):
         """Every z_g, stacked along channels (N, G*C_out, ...)."""

@@ -49,13 +49,19 @@ class _BlockFunction(torch.autograd.Function):
             output = layer.op(x, weight, bias)
             z = block.z(x, output)
         ctx.block = block
-        ctx.save_for_backward(x, z, output if block.uses_mask else None)
+        # Gamma's sign masks need the output; where z holds it (output_divisor), it is rebuilt in
+        # backward from z instead of being kept: one activation-sized tensor less per layer.
+        keep_output = block.uses_mask and block.output_divisor is None
+        ctx.save_for_backward(x, z, output if keep_output else None)
         return output
 
     @staticmethod
     def backward(ctx, relevance):
         x, z, output = ctx.saved_tensors
-        return None, ctx.block.relevance(x, z, output, relevance)
+        block = ctx.block
+        if block.uses_mask and output is None:
+            output = block.output_from(z)
+        return None, block.relevance(x, z, output, relevance)
 
 
 class RelevanceLayer(nn.Module):
