@@ -46,6 +46,18 @@ def _new_output(shape, like: Tensor) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
+def check_pool_shapes(op: str, kind: str, x: Tensor, relevance: Tensor) -> int:
+    """The pooling ops' shared checks (native and Triton): a known ``kind``, and x and relevance
+    of one rank with 1-3 spatial dims and equal N, C. Returns the number of spatial dims."""
+    if kind not in ("avg", "adaptive_avg", "max_proportional"):
+        raise ValueError(f"fastlrp.ops.{op}: kind must be 'avg', 'adaptive_avg' or 'max_proportional', got {kind!r}")
+    dims = x.ndim - 2
+    if dims not in (1, 2, 3) or relevance.ndim != x.ndim or relevance.shape[:2] != x.shape[:2]:
+        raise ValueError(f"fastlrp.ops.{op}: x (N, C, *1-3 spatial) and relevance (same N, C) expected, got "
+                         f"{tuple(x.shape)} and {tuple(relevance.shape)}")
+    return dims
+
+
 def _check_float(t: Tensor, name: str, op: str):
     if not isinstance(t, Tensor):
         raise TypeError(f"fastlrp.ops.{op}: {name} must be a tensor, got {type(t).__name__}")
@@ -253,12 +265,7 @@ def pool_relevance(x: Tensor, relevance: Tensor, kind: str, kernel_size=None, st
     op = "pool_relevance"
     _check_float(x, "x", op)
     _check_like(x, "x", relevance, "relevance", op, shape=False)
-    if kind not in ("avg", "adaptive_avg", "max_proportional"):
-        raise ValueError(f"fastlrp.ops.{op}: kind must be 'avg', 'adaptive_avg' or 'max_proportional', got {kind!r}")
-    dims = x.ndim - 2
-    if dims not in (1, 2, 3) or relevance.ndim != x.ndim or relevance.shape[:2] != x.shape[:2]:
-        raise ValueError(f"fastlrp.ops.{op}: x (N, C, *1-3 spatial) and relevance (same N, C) expected, got "
-                         f"{tuple(x.shape)} and {tuple(relevance.shape)}")
+    dims = check_pool_shapes(op, kind, x, relevance)
     if kind != "max_proportional":
         if y is None:
             raise ValueError(f"fastlrp.ops.{op}: average pooling needs y, the pooled output")

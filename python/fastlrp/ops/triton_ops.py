@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from ..reference.stabilize import stabilize
+from .lrp_ops import check_pool_shapes
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -388,12 +389,7 @@ def pool_relevance(x: Tensor, relevance: Tensor, kind: str, kernel_size=None, st
     op = "triton_pool_relevance"
     _check_tensor(x, "x", op)
     _check_tensor(relevance, "relevance", op, x, "x")
-    if kind not in ("avg", "adaptive_avg", "max_proportional"):
-        raise ValueError(f"fastlrp.ops.{op}: kind must be 'avg', 'adaptive_avg' or 'max_proportional', got {kind!r}")
-    dims = x.ndim - 2
-    if dims not in (1, 2, 3) or relevance.ndim != x.ndim or relevance.shape[:2] != x.shape[:2]:
-        raise ValueError(f"fastlrp.ops.{op}: x (N, C, *1-3 spatial) and relevance (same N, C) expected, got "
-                         f"{tuple(x.shape)} and {tuple(relevance.shape)}")
+    dims = check_pool_shapes(op, kind, x, relevance)
     if kind == "avg":
         if y is None:
             raise ValueError(f"fastlrp.ops.{op}: average pooling needs y, the pooled output")
