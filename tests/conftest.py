@@ -1,7 +1,16 @@
+import os
 import zlib
 
-import pytest
 import torch
+
+# Without a GPU the Triton tests (tests/triton) run through Triton's CPU interpreter. The variable
+# must be set before anything imports triton: triton decorates its own standard library when it is
+# first imported (torch imports it while some test modules are collected), and kernels decorated
+# in compiled mode cannot run in the interpreter. This file is the first one pytest imports.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
