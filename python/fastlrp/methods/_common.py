@@ -116,13 +116,19 @@ def score(output: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (output * weights).flatten(1).sum(1)
 
 
-def input_gradient(model, x: torch.Tensor, weights: torch.Tensor) -> tuple:
-    """(d score / d x, model output) for a batch."""
+def input_gradient(model, x: torch.Tensor, weights) -> tuple:
+    """(d score / d x, model output, weights) for a batch.
+
+    ``weights`` may also be a function of the (detached) output, e.g. ``lambda out:
+    target_weights(out, target)``: the target is then resolved on the same forward pass that is
+    differentiated, with no separate pass to find it."""
     with torch.enable_grad():
         leaf = x.detach().requires_grad_(True)
         output = model(leaf)
+        if callable(weights):
+            weights = weights(output.detach())
         (grad,) = torch.autograd.grad(score(output, weights).sum(), leaf)
-    return grad, output.detach()
+    return grad, output.detach(), weights
 
 
 @dataclass

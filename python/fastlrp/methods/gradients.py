@@ -19,10 +19,8 @@ class _GradientFamily(AttributionMethod):
         raise NotImplementedError
 
     def _explain(self, x, target):
-        with torch.no_grad():
-            output = self.model(x)
-        weights = target_weights(output, target)
-        grad, _ = input_gradient(self.model, x, weights)
+        # One forward pass, differentiated; the target is resolved on its output.
+        grad, output, weights = input_gradient(self.model, x, lambda out: target_weights(out, target))
         return Attribution(self._combine(grad, x), output, score(output, weights))
 
 
@@ -178,7 +176,7 @@ class IntegratedGradients(AttributionMethod):
             point, sample = idx // n, idx % n
             shape = (-1,) + (1,) * (x.ndim - 1)
             inputs = baseline[sample] + alphas[point].reshape(shape) * delta[sample]
-            grads, _ = input_gradient(self.model, inputs, weights[sample])
+            grads = input_gradient(self.model, inputs, weights[sample])[0]
             integral.index_add_(0, sample, grads * quad[point].reshape(shape))
         attribution = delta * integral
         with torch.no_grad():
