@@ -210,3 +210,31 @@ def test_explanation_captured_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(static_relevance, explainer(x * 2, 1), rtol=1e-4, atol=1e-5)
+
+
+def _saved_bytes(explainer, x, target):
+    """Bytes autograd keeps from the forward pass for the backward pass of one explanation."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        explainer(x, target)
+    return total
+
+
+@pytest.mark.parametrize("composite", ["epsilon_plus", "epsilon_gamma_box", "epsilon_alpha2_beta1"])
+def test_save_memory_keeps_less_and_gives_the_same_relevance(composite):
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(num_classes=10).eval().double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    kw = dict(low=-3.0, high=3.0) if "box" in composite else {}
+    plain = fastlrp.LRP(model, composite, backend="native", **kw)
+    lean = fastlrp.LRP(model, composite, backend="native", save_memory=True, **kw)
+    torch.testing.assert_close(lean(x, 3), plain(x, 3), **TOL[torch.float64])
+    kept, kept_lean = _saved_bytes(plain, x, 3), _saved_bytes(lean, x, 3)
+    # every ZPlus/Gamma/AlphaBeta convolution drops its z (as large as its output, or twice that)
+    assert kept_lean < 0.75 * kept, (kept_lean, kept)

@@ -376,9 +376,13 @@ def gradient_provider(model, **_):
 
 @contextlib.contextmanager
 def fastlrp_provider(model, composite, backend, model_name=None, **_):
+    """``backend`` is a backend name, optionally with ``+save_memory`` (e.g. ``native+save_memory``)."""
     import fastlrp
-    explainer = fastlrp.LRP(model, composite=composite, backend=backend, **COMPOSITES[composite][1],
-                            **FASTLRP_OPTIONS.get(model_name, {}))
+    backend, _, flag = backend.partition("+")
+    if flag not in ("", "save_memory"):
+        raise ValueError(f"unknown fastlrp provider option {flag!r}; known: save_memory")
+    explainer = fastlrp.LRP(model, composite=composite, backend=backend, save_memory=flag == "save_memory",
+                            **COMPOSITES[composite][1], **FASTLRP_OPTIONS.get(model_name, {}))
     yield explainer
 
 
@@ -535,7 +539,7 @@ def add_arguments(p, machine_defaults=False):
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--composites", nargs="+", default=list(COMPOSITES), choices=list(COMPOSITES))
     p.add_argument("--providers", nargs="+", default=None,
-                   help="subset of: fastlrp:<backend> ... captum (default: all available); "
+                   help="subset of: fastlrp:<backend>[+save_memory] ... captum (default: all available); "
                         "zennit, forward and gradient always run as the baselines")
     # None: the preset's value (PRESETS), so --gpu --batch 128 keeps the 128
     p.add_argument("--batch", type=int, default=None, help="batch for image models (1; --gpu: 64)")

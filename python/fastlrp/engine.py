@@ -96,13 +96,17 @@ class LRP:
         PyTorch); default from ``FASTLRP_BACKEND``, else the fastest available. The chosen one is
         ``explainer.backend``. Under ``native``, a layer whose device, dtype or form has no kernel
         (float16 on the CPU, grouped or transposed convolutions) runs the reference rule.
+    save_memory: under the native backend, keep only each linear layer's input for the relevance
+        pass and recompute its z parts there: peak memory close to the plain gradient's, for one
+        more forward convolution per layer (see docs/native.md, "Memory"). The relevance is the same.
     rule_options: options of the preset composite, e.g. ``epsilon=``, ``gamma=``, ``low=``, ``high=``,
         ``zero_params="bias"``, ``layer_map=[(nn.Linear, Epsilon(0.25))]``.
     """
 
     def __init__(self, model: nn.Module, composite="epsilon_plus", *, start: str = "logit",
                  maxpool: str = "winner", fold_batchnorm: bool = True, functional_rules: bool = True,
-                 passthrough: Sequence = (), backend: str | None = None, **rule_options):
+                 passthrough: Sequence = (), backend: str | None = None, save_memory: bool = False,
+                 **rule_options):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if start not in ("logit", "one"):
@@ -116,8 +120,11 @@ class LRP:
         options = _graph.Options(maxpool, fold_batchnorm, functional_rules, tuple(passthrough))
         self.graph_module = _graph.build(model, self.composite, options)
         self._sites = {m.site: m for m in self.graph_module.modules() if isinstance(m, RelevanceLayer)}
+        self.save_memory = bool(save_memory)
         for layer in self._sites.values():
             layer.backend = self.backend
+            if hasattr(layer, "save_memory"):
+                layer.save_memory = self.save_memory
         self._input_layer = _layer_reading_input(self.graph_module)
 
     @property

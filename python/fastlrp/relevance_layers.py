@@ -52,13 +52,18 @@ class _BlockFunction(torch.autograd.Function):
         # Gamma's sign masks need the output; where z holds it (output_divisor), it is rebuilt in
         # backward from z instead of being kept: one activation-sized tensor less per layer.
         keep_output = block.uses_mask and block.output_divisor is None
-        ctx.save_for_backward(x, z, output if keep_output else None)
+        # save_memory: keep only x and recompute z in backward (one more forward convolution).
+        # Epsilon's z is the output itself, so there is nothing to recompute or to save.
+        keep_z = not layer.save_memory or block.z_is_output
+        ctx.save_for_backward(x, z if keep_z else None, output if keep_output else None)
         return output
 
     @staticmethod
     def backward(ctx, relevance):
         x, z, output = ctx.saved_tensors
         block = ctx.block
+        if z is None:
+            z = block.z(x, output)
         if block.uses_mask and output is None:
             output = block.output_from(z)
         return None, block.relevance(x, z, output, relevance)
@@ -106,6 +111,7 @@ class AffineLayer(RelevanceLayer):
         self._cache = None
         self._block = None
         self.nonnegative_input = False  # set from the graph: the input comes from a ReLU (or alike)
+        self.save_memory = False  # set by the engine: recompute z in backward instead of keeping it
 
     def forward(self, x):
         if self.backend == "triton":
