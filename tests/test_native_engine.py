@@ -238,3 +238,36 @@ def test_save_memory_keeps_less_and_gives_the_same_relevance(composite):
     kept, kept_lean = _saved_bytes(plain, x, 3), _saved_bytes(lean, x, 3)
     # every ZPlus/Gamma/AlphaBeta convolution drops its z (as large as its output, or twice that)
     assert kept_lean < 0.75 * kept, (kept_lean, kept)
+
+
+class SmallResidualNet(nn.Module):
+    """Convolutions of four widths with batch norms (folded) and a residual sum: enough layers of
+    different shapes for dynamo to recompile the per-layer code with symbolic sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.branch = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                                    nn.Conv2d(6, 6, 1))
+        self.down = nn.Sequential(nn.Conv2d(6, 10, 3, stride=2, padding=1), nn.ReLU(),
+                                  nn.Conv2d(10, 12, 3, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 4))
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(self.down(F.relu(h + self.branch(h))))
+
+
+def test_explanation_under_torch_compile_with_inductor():
+    """The default backend and automatic dynamic shapes (no aot_eager, no dynamic=False)."""
+    model = SmallResidualNet().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 8, 8)
+    explainer = fastlrp.LRP(model, "epsilon_gamma_box", backend="native", low=-3.0, high=3.0)
+    compiled = torch.compile(lambda t: explainer(t, 1))
+    torch.testing.assert_close(compiled(x), explainer(x, 1), **TOL[torch.float32])
+    y = torch.randn(3, 3, 10, 10)  # another shape: the symbolic-size path
+    torch.testing.assert_close(compiled(y), explainer(y, 1), **TOL[torch.float32])

@@ -130,6 +130,8 @@ class AffineLayer(RelevanceLayer):
     def block(self) -> "fastpath.BlockRule":
         """The rule in block form for the current parameters (rebuilt when one changed)."""
         weight, bias = self.params()
+        if torch.compiler.is_compiling():  # built in the graph, see params()
+            return fastpath.BlockRule(self.op, self.rule, weight, bias, self.nonnegative_input)
         if self._block is None or self._block[0] is not self._cache:
             self._block = (self._cache, fastpath.BlockRule(self.op, self.rule, weight, bias, self.nonnegative_input))
         return self._block[1]
@@ -137,6 +139,11 @@ class AffineLayer(RelevanceLayer):
     def params(self):
         """(weight, bias) with the batch norm folded in; recomputed only when a source tensor changed."""
         module, bn = self._module[0], self._batchnorm[0]
+        if torch.compiler.is_compiling():
+            # Under torch.compile the cache's data-pointer key would break the graph (dynamo cannot
+            # compare data pointers); the fold is traced instead and done once per compiled call.
+            weight, bias = _detached_params(module, ("weight", "bias"))
+            return (weight, bias) if bn is None else fold_batchnorm(self.op, weight, bias, bn)
         sources = [module.weight, module.bias]
         if bn is not None:
             sources += [bn.weight, bn.bias, bn.running_mean, bn.running_var]
