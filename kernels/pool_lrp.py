@@ -23,6 +23,18 @@ def _block():
 
 
 @triton.jit
+def _unflatten(idx, C, D, H, W):
+    """(n, c, d, h, w) of a flat index into a contiguous (N, C, D, H, W) enumeration."""
+    w = idx % W
+    rest = idx // W
+    h = rest % H
+    rest = rest // H
+    d = rest % D
+    rest = rest // D
+    return rest // C, rest % C, d, h, w
+
+
+@triton.jit
 def _window(o, IN, OUT, K, S, P, ADAPTIVE: tl.constexpr):
     """[lo, hi) of window o along one dim, before clipping to the input (padding included)."""
     if ADAPTIVE:
@@ -43,14 +55,7 @@ def _window_share_kernel(
         MODE: tl.constexpr, ADAPTIVE: tl.constexpr, COUNT_PAD: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = idx < total
-    ow = idx % OW
-    rest = idx // OW
-    oh = rest % OH
-    rest = rest // OH
-    od = rest % OD
-    rest = rest // OD
-    c = rest % C
-    n = rest // C
+    n, c, od, oh, ow = _unflatten(idx, C, OD, OH, OW)
     d0, d1 = _window(od, D, OD, KD, SD, PD, ADAPTIVE)
     h0, h1 = _window(oh, H, OH, KH, SH, PH, ADAPTIVE)
     w0, w1 = _window(ow, W, OW, KW, SW, PW, ADAPTIVE)
@@ -103,14 +108,7 @@ def _input_relevance_kernel(
         ADAPTIVE: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = idx < total
-    iw = idx % W
-    rest = idx // W
-    ih = rest % H
-    rest = rest // H
-    i_d = rest % D
-    rest = rest // D
-    c = rest % C
-    n = rest // C
+    n, c, i_d, ih, iw = _unflatten(idx, C, D, H, W)
     fd = _covering_first(i_d, D, OD, KD, SD, PD, ADAPTIVE)
     fh = _covering_first(ih, H, OH, KH, SH, PH, ADAPTIVE)
     fw = _covering_first(iw, W, OW, KW, SW, PW, ADAPTIVE)

@@ -123,8 +123,7 @@ class LRP:
         self.save_memory = bool(save_memory)
         for layer in self._sites.values():
             layer.backend = self.backend
-            if hasattr(layer, "save_memory"):
-                layer.save_memory = self.save_memory
+            layer.save_memory = self.save_memory
         self._input_layer = _layer_reading_input(self.graph_module)
 
     @property

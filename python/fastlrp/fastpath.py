@@ -204,7 +204,7 @@ def transposed(op: AffineOp, s: torch.Tensor, weight: torch.Tensor, input_shape:
 
     A transposed convolution, with the output padding that restores the input's size. Not
     aten.convolution_backward: it makes its (unused) input argument contiguous, a full-size
-    copy per call, and on the CPU it is up to 3x slower for strided layers (measured with oneDNN)."""
+    copy per call, and on the CPU it was 2-3.6x slower for strided layers (measured with oneDNN)."""
     if op.kind == "linear":
         return s.matmul(weight)
     kernel = weight.shape[2:]

@@ -78,6 +78,7 @@ class RelevanceLayer(nn.Module):
 
     saves_inputs = True
     backend = "reference"
+    save_memory = False  # set by the engine; linear layers then recompute z in backward instead of keeping it
     nonnegative_output = False
     preserves_sign = False
 
@@ -111,7 +112,6 @@ class AffineLayer(RelevanceLayer):
         self._cache = None
         self._block = None
         self.nonnegative_input = False  # set from the graph: the input comes from a ReLU (or alike)
-        self.save_memory = False  # set by the engine: recompute z in backward instead of keeping it
 
     def forward(self, x):
         if self.backend == "triton":

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import fastpath, ops
+from .benchmark import time_fn
 from .ops import triton_ops
 from .reference.affine import AffineOp
 from .rules import AlphaBeta, Epsilon, Flat, Gamma, Rule, WSquare, ZBox, ZPlus, _use_bias, broadcast_bound
@@ -199,22 +200,14 @@ def prefers_triton(key: str, device: torch.device, run_triton, run_native) -> bo
     with _CHOICE_LOCK:
         table = _load_choices().setdefault(_device_key(device), {})
         if key not in table:
-            table[key] = "triton" if _median_ms(run_triton) <= _median_ms(run_native) else "native"
+            table[key] = "triton" if _median_ms(run_triton, device) <= _median_ms(run_native, device) else "native"
             _save_choices()
         return table[key] == "triton"
 
 
-def _median_ms(fn, repeats: int = 5) -> float:
-    fn()  # compiles, autotunes and warms the caches outside the timing
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+def _median_ms(fn, device) -> float:
+    # one untimed call compiles, autotunes and warms the caches; then the median of 5 by CUDA events
+    return time_fn(fn, device, warmup=1, repeats=5, cuda_events=True)["median_ms"]
 
 
 def _save_choices():
