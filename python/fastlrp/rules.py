@@ -1,8 +1,10 @@
-"""Rule objects: what a composite assigns to a layer. The arithmetic lives in ``reference``.
+"""Rule objects: what a composite assigns to a layer.
 
-Linear-layer rules (Epsilon, ZPlus, AlphaBeta, Gamma, ZBox, Flat, WSquare) follow Zennit's
-definitions and defaults (docs/rules.md); Pass, Norm and Gradient cover the parameter-free
-layers; Proportional, GuidedBackprop and DeconvNet are named alternatives.
+A rule for linear layers (Epsilon, ZPlus, AlphaBeta, Gamma, ZBox, Flat, WSquare; Zennit's definitions
+and defaults, docs/rules.md) is declared once, by ``form()``: its parts and denominator groups in the
+vocabulary of ``fastlrp.linear_form``. Every backend runs that declaration; to add a rule, subclass
+``LinearRule`` and write ``form()`` (docs/design.md, "Adding a rule"). Pass, Norm and Gradient cover
+the parameter-free layers; Proportional, GuidedBackprop and DeconvNet are named alternatives.
 """
 
 from __future__ import annotations
@@ -10,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from . import reference
+from .linear_form import (IDENTITY, NEGATIVE, NOTHING, ONES, POSITIVE, SQUARE, Group, LinearForm, Modified, Part,
+                          broadcast_bound)
 
 
 def _use_bias(zero_params) -> bool:
@@ -37,13 +38,19 @@ class Rule:
 
 
 class LinearRule(Rule):
-    """A rule for Linear, ConvNd and ConvTransposeNd layers."""
+    """A rule for Linear, ConvNd and ConvTransposeNd layers, declared by ``form()``.
+
+    Subclasses with a ``zero_params`` field get it applied by ``bias()``: use ``self.bias(m)`` for
+    every part's bias modification."""
 
     kind = "linear"
 
-    def relevance(self, op: reference.AffineOp, x: torch.Tensor, weight: torch.Tensor,
-                  bias: torch.Tensor | None, relevance: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    def form(self) -> LinearForm:
+        raise NotImplementedError(f"{type(self).__name__} must declare its parts in form()")
+
+    def bias(self, modification: Modified) -> Modified:
+        """``modification`` of the bias, or nothing where ``zero_params="bias"``."""
+        return modification if _use_bias(getattr(self, "zero_params", None)) else NOTHING
 
 
 @dataclass(repr=False)
@@ -53,24 +60,27 @@ class Epsilon(LinearRule):
     epsilon: float = 1e-6
     zero_params: Any = None
 
-    def relevance(self, op, x, weight, bias, relevance):
-        return reference.epsilon(op, x, weight, bias, relevance, self.epsilon, _use_bias(self.zero_params))
+    def form(self):
+        return LinearForm([Part("x", IDENTITY, self.bias(IDENTITY))], stabilizer=self.epsilon)
 
 
 @dataclass(repr=False)
 class ZPlus(LinearRule):
-    """LRP-z+ (Montavon et al. 2017): only positive contributions, signs of inputs respected."""
+    """LRP-z+ (Montavon et al. 2017): only positive contributions, signs of inputs respected:
+    z = f(x+; W+, b+) + f(x-; W-)."""
 
     stabilizer: float = 1e-6
     zero_params: Any = None
 
-    def relevance(self, op, x, weight, bias, relevance):
-        return reference.zplus(op, x, weight, bias, relevance, self.stabilizer, _use_bias(self.zero_params))
+    def form(self):
+        return LinearForm([Part("x+", POSITIVE, self.bias(POSITIVE)), Part("x-", NEGATIVE)],
+                          stabilizer=self.stabilizer)
 
 
 @dataclass(repr=False)
 class AlphaBeta(LinearRule):
-    """LRP-alpha-beta (Bach et al. 2015); alpha - beta = 1 is enforced."""
+    """LRP-alpha-beta (Bach et al. 2015): alpha times the positive contributions minus beta times the
+    negative ones; alpha - beta = 1 is enforced."""
 
     alpha: float = 2.0
     beta: float = 1.0
@@ -78,16 +88,24 @@ class AlphaBeta(LinearRule):
     zero_params: Any = None
 
     def __post_init__(self):
-        reference.linear_rules.check_alpha_beta(self.alpha, self.beta)
+        if self.alpha < 0 or self.beta < 0:
+            raise ValueError(f"AlphaBeta needs alpha >= 0 and beta >= 0, got alpha={self.alpha}, beta={self.beta}")
+        if self.alpha - self.beta != 1:
+            raise ValueError(f"AlphaBeta needs alpha - beta = 1 to conserve relevance, got alpha={self.alpha}, "
+                             f"beta={self.beta}")
 
-    def relevance(self, op, x, weight, bias, relevance):
-        return reference.alpha_beta(op, x, weight, bias, relevance, self.alpha, self.beta, self.stabilizer,
-                                    _use_bias(self.zero_params))
+    def form(self):
+        return LinearForm(
+            [Part("x+", POSITIVE, self.bias(POSITIVE), 0), Part("x-", NEGATIVE, NOTHING, 0),
+             Part("x+", NEGATIVE, self.bias(NEGATIVE), 1), Part("x-", POSITIVE, NOTHING, 1)],
+            [Group(float(self.alpha)), Group(-float(self.beta))], self.stabilizer)
 
 
 @dataclass(repr=False)
 class Gamma(LinearRule):
-    """LRP-gamma (Montavon et al. 2019), generalized to negative inputs and outputs."""
+    """LRP-gamma (Montavon et al. 2019), generalized to negative inputs and outputs: with
+    W_up = W + gamma W+ and W_dn = W + gamma W- (biases alike), where the layer's output is positive
+    z = f(x+; W_up, b_up) + f(x-; W_dn); where it is negative z = f(x+; W_dn, b_dn) + f(x-; W_up)."""
 
     gamma: float = 0.25
     stabilizer: float = 1e-6
@@ -97,14 +115,18 @@ class Gamma(LinearRule):
         if self.gamma < 0:
             raise ValueError(f"Gamma needs gamma >= 0, got {self.gamma}")
 
-    def relevance(self, op, x, weight, bias, relevance):
-        return reference.gamma(op, x, weight, bias, relevance, self.gamma, self.stabilizer,
-                               _use_bias(self.zero_params))
+    def form(self):
+        up, dn = Modified(base=1.0, pos=self.gamma), Modified(base=1.0, neg=self.gamma)
+        return LinearForm(
+            [Part("x+", up, self.bias(up), 0), Part("x-", dn, NOTHING, 0),
+             Part("x+", dn, self.bias(dn), 1), Part("x-", up, NOTHING, 1)],
+            [Group(1.0, "positive"), Group(1.0, "negative")], self.stabilizer)
 
 
 @dataclass(repr=False)
 class ZBox(LinearRule):
-    """LRP-z^B for inputs bounded by [low, high] (Montavon et al. 2017); for the first layer.
+    """LRP-z^B for inputs bounded by [low, high] (Montavon et al. 2017); for the first layer:
+    z = f(x; W, b) - f(low; W+, b+) - f(high; W-, b-).
 
     ``low`` and ``high`` are scalars, per-channel vectors of length C, or tensors that broadcast
     to one input sample (e.g. shape (1, C, 1, 1) or (C, H, W)).
@@ -120,24 +142,10 @@ class ZBox(LinearRule):
             raise ValueError("ZBox needs both bounds: ZBox(low=..., high=...), e.g. the smallest and largest "
                              "possible input value (per channel after normalization)")
 
-    def relevance(self, op, x, weight, bias, relevance):
-        low, high = broadcast_bound(self.low, x, "low"), broadcast_bound(self.high, x, "high")
-        return reference.zbox(op, x, weight, bias, relevance, low, high, self.stabilizer,
-                              _use_bias(self.zero_params))
-
-
-def broadcast_bound(bound, x: torch.Tensor, what: str) -> torch.Tensor:
-    """Broadcast a ZBox bound (scalar, per-channel vector, or per-sample tensor) to x's shape."""
-    t = torch.as_tensor(bound, dtype=x.dtype, device=x.device)
-    if t.ndim == 1 and x.ndim > 2 and t.shape[0] == x.shape[1]:
-        t = t.reshape((1, -1) + (1,) * (x.ndim - 2))  # per-channel vector
-    elif 0 < t.ndim < x.ndim:
-        t = t.reshape((1,) * (x.ndim - t.ndim) + tuple(t.shape))
-    try:
-        return t.expand(x.shape)
-    except RuntimeError:
-        raise ValueError(f"ZBox {what} of shape {tuple(torch.as_tensor(bound).shape)} does not broadcast to "
-                         f"the layer input of shape {tuple(x.shape)}") from None
+    def form(self):
+        return LinearForm([Part("x", IDENTITY, self.bias(IDENTITY)), Part("low", -POSITIVE, self.bias(-POSITIVE)),
+                           Part("high", -NEGATIVE, self.bias(-NEGATIVE))],
+                          stabilizer=self.stabilizer, bounds={"low": self.low, "high": self.high})
 
 
 @dataclass(repr=False)
@@ -147,19 +155,19 @@ class WSquare(LinearRule):
     stabilizer: float = 1e-6
     zero_params: Any = None
 
-    def relevance(self, op, x, weight, bias, relevance):
-        return reference.wsquare(op, x, weight, bias, relevance, self.stabilizer, _use_bias(self.zero_params))
+    def form(self):
+        return LinearForm([Part("ones", SQUARE, self.bias(SQUARE))], stabilizer=self.stabilizer)
 
 
 @dataclass(repr=False)
 class Flat(LinearRule):
-    """LRP-flat (Lapuschkin et al. 2019): uniform over the receptive field."""
+    """LRP-flat (Lapuschkin et al. 2019): uniform over the receptive field (every weight one, no bias)."""
 
     stabilizer: float = 1e-6
     zero_params: Any = None
 
-    def relevance(self, op, x, weight, bias, relevance):
-        return reference.flat(op, x, weight, bias, relevance, self.stabilizer)
+    def form(self):
+        return LinearForm([Part("ones", ONES)], stabilizer=self.stabilizer)
 
 
 @dataclass(repr=False)

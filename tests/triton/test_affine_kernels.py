@@ -9,7 +9,7 @@ from kernel_testing import DEVICE, FLOAT32_RTOL, channels_last, needs_kernels, p
 from fastlrp import reference, rules
 from fastlrp.ops import triton_ops
 from fastlrp.reference.affine import AffineOp
-from fastlrp.triton_path import TritonLinearRule
+from fastlrp.backends.triton import TritonLinearRule
 
 pytestmark = needs_kernels
 
@@ -22,25 +22,12 @@ def _bounds(x):
 
 
 def _oracle(rule, op, x, w, b, R):
-    """The reference rule in float64 (or in x's dtype when x is not float64)."""
-    if isinstance(rule, rules.Epsilon):
-        return reference.epsilon(op, x, w, b, R, rule.epsilon)
-    if isinstance(rule, rules.ZPlus):
-        return reference.zplus(op, x, w, b, R)
-    if isinstance(rule, rules.AlphaBeta):
-        return reference.alpha_beta(op, x, w, b, R, rule.alpha, rule.beta)
-    if isinstance(rule, rules.Gamma):
-        return reference.gamma(op, x, w, b, R, rule.gamma)
-    if isinstance(rule, rules.ZBox):
-        low, high = (torch.as_tensor(v).to(x).expand(x.shape) for v in (rule.low, rule.high))
-        return reference.zbox(op, x, w, b, R, low, high)
-    if isinstance(rule, rules.WSquare):
-        return reference.wsquare(op, x, w, b, R)
-    return reference.flat(op, x, w, b, R)
+    """The reference: the rule's declaration executed by fastlrp.reference, in x's dtype."""
+    return reference.linear_relevance(op, rule.form(), x, w, b, R)
 
 
 def _run(op, rule, x, w, b, nonnegative=False):
-    kernel_rule = TritonLinearRule(op, rule, w, b, nonnegative)
+    kernel_rule = TritonLinearRule(op, rule.form(), w, b, nonnegative)
     y, z = kernel_rule.forward(x)
     R = torch.randn_like(y)
     return y, kernel_rule.relevance(x, z, y, R), R
@@ -111,7 +98,7 @@ def test_epsilon_without_bias_in_z(poisoned):
     op = AffineOp("linear")
     rule = rules.Epsilon(0.1, zero_params="bias")
     y, got, R = _run(op, rule, x, w, b)
-    expected = reference.epsilon(op, x.double(), w.double(), b.double(), R.double(), 0.1, use_bias=False)
+    expected = _oracle(rule, op, x.double(), w.double(), b.double(), R.double())
     assert relative_error(got, expected) < 1e-4
 
 
@@ -126,7 +113,7 @@ def _low_precision_error(rule, op, x, w, b, R, dtype):
 def test_float16_error_at_most_twice_pytorchs(rule, poisoned):
     op = AffineOp("conv", 2, (1, 1), (1, 1), (1, 1), 1)
     x, w, b = torch.randn(2, 3, 6, 5, device=DEVICE), torch.randn(4, 3, 3, 3, device=DEVICE), torch.randn(4, device=DEVICE)
-    kernel_rule = TritonLinearRule(op, rule, w.half(), b.half(), False)
+    kernel_rule = TritonLinearRule(op, rule.form(), w.half(), b.half(), False)
     y, z = kernel_rule.forward(x.half())
     R = torch.randn_like(y, dtype=torch.float32)
     got = kernel_rule.relevance(x.half(), z, y, R.half())
@@ -143,7 +130,7 @@ def test_real_sizes_on_gpu(rule, dtype):
     op = AffineOp("conv", 2, (1, 1), (1, 1), (1, 1), 1)
     x = channels_last(torch.randn(16, 64, 56, 56, device="cuda"))
     w, b = torch.randn(128, 64, 3, 3, device="cuda") / 24, torch.randn(128, device="cuda")
-    kernel_rule = TritonLinearRule(op, rule, w.to(dtype), b.to(dtype), False)
+    kernel_rule = TritonLinearRule(op, rule.form(), w.to(dtype), b.to(dtype), False)
     y, z = kernel_rule.forward(x.to(dtype))
     R = torch.randn(y.shape, device="cuda")
     got = kernel_rule.relevance(x.to(dtype), z, y, R.to(dtype))

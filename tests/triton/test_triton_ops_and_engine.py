@@ -91,26 +91,34 @@ def test_backend_names_and_fallback_per_layer():
 
 
 def test_speed_choice_is_cached_and_can_be_forced(monkeypatch, tmp_path):
-    from fastlrp import triton_path
-    monkeypatch.setattr(triton_path, "_CHOICES", None)
+    from fastlrp.backends import timing
+    timing.reset_choices()
     monkeypatch.setenv("FASTLRP_TRITON_CACHE", str(tmp_path / "choices.json"))
     monkeypatch.setenv("FASTLRP_TRITON_CHOICE", "native")
-    assert not triton_path.prefers_triton("k", torch.device("cpu"), None, None)
+    assert not timing.prefers_first("k", torch.device("cpu"), None, None)
     monkeypatch.setenv("FASTLRP_TRITON_CHOICE", "fastest")
     with pytest.raises(ValueError, match="FASTLRP_TRITON_CHOICE"):
-        triton_path.prefers_triton("k", torch.device("cpu"), None, None)
+        timing.prefers_first("k", torch.device("cpu"), None, None)
     monkeypatch.delenv("FASTLRP_TRITON_CHOICE")
-    assert triton_path.prefers_triton("k", torch.device("cpu"), None, None)  # nothing to measure off CUDA
+    assert timing.prefers_first("k", torch.device("cpu"), None, None)  # nothing to measure off CUDA
+
+
+def test_explanation_reports_the_backend_of_every_layer():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.ConvTranspose2d(3, 2, 3)).eval()
+    result = fastlrp.LRP(model, "epsilon_plus", backend="triton").explain(torch.randn(1, 2, 5, 5, device=DEVICE),
+                                                                          lambda out: out)
+    assert result.backends["0"] == "triton"
+    assert result.backends["2"] in ("native", "reference")  # no Triton kernel for transposed convolutions
 
 
 @pytest.mark.gpu
 def test_speed_choice_measures_once_per_shape_on_gpu(monkeypatch, tmp_path):
-    from fastlrp import triton_path
-    monkeypatch.setattr(triton_path, "_CHOICES", None)
+    from fastlrp.backends import timing
+    timing.reset_choices()
     monkeypatch.setenv("FASTLRP_TRITON_CACHE", str(tmp_path / "choices.json"))
     runs = []
-    first = triton_path.prefers_triton("k", torch.device("cuda"), lambda: runs.append("t"), lambda: runs.append("n"))
-    assert triton_path.prefers_triton("k", torch.device("cuda"), None, None) == first
+    first = timing.prefers_first("k", torch.device("cuda"), lambda: runs.append("t"), lambda: runs.append("n"))
+    assert timing.prefers_first("k", torch.device("cuda"), None, None) == first
     assert runs.count("t") == runs.count("n") == 6 and (tmp_path / "choices.json").exists()
 
 

@@ -50,6 +50,11 @@ def _load_kernels():
 _KERNELS = _load_kernels()
 
 
+def kernels_available() -> bool:
+    """Whether Triton and fastlrp's kernels could be imported."""
+    return _KERNELS is not None
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -1,26 +1,14 @@
-"""The oracle: pure-PyTorch LRP, one short function per rule and layer type.
+"""The oracle: pure-PyTorch LRP, short and readable.
 
-Every fused kernel of fastlrp is tested against these functions, and the engine uses them
-as its ``reference`` backend. They favour legibility over speed: each follows the rule's
-formula as written in docs/rules.md (Zennit's definitions).
+Every fused kernel of fastlrp is tested against these functions, and the engine runs them as its
+``reference`` backend. They favour legibility over speed: ``linear_relevance`` executes a rule's
+declaration (``Rule.form()``) as written in docs/rules.md (Zennit's definitions); the parameter-free
+layers have one function each.
 """
 
 from .affine import AffineOp
-from .linear_rules import alpha_beta, epsilon, flat, gamma, wsquare, zbox, zplus
+from .linear_rules import linear_relevance
 from .nonlinear import gated_product, maxpool_proportional, norm
 from .stabilize import stabilize
 
-__all__ = [
-    "AffineOp",
-    "alpha_beta",
-    "epsilon",
-    "flat",
-    "gamma",
-    "gated_product",
-    "maxpool_proportional",
-    "norm",
-    "stabilize",
-    "wsquare",
-    "zbox",
-    "zplus",
-]
+__all__ = ["AffineOp", "gated_product", "linear_relevance", "maxpool_proportional", "norm", "stabilize"]

@@ -1,9 +1,10 @@
 """Turning a user's model into an explainer graph: trace once with torch.fx, then put a
 RelevanceLayer in place of every layer and functional op that carries relevance.
 
-The user's model is never modified: tracing runs with every module temporarily in eval mode
-(flags restored afterwards), and the new graph calls shallow copies or the functional form
-of the user's layers, never their hooks.
+The user's model is never modified, not even for a moment: the trace runs on an eval-mode view of
+it (``fastlrp._common.model_view.eval_view``: shallow module copies that share its parameters and
+buffers), and the new graph calls those copies or the functional form of the layers, never the
+user's hooks.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from . import layers
-from .composites import Composite
+from .. import layers
+from .._common.model_view import eval_view
+from ..composites import Composite
+from ..rules import DeconvNet, Gradient, GuidedBackprop, LinearRule, Norm, Pass, Proportional, Rule
+from .call import TRACE_LOCK
 from .relevance_layers import (AffineLayer, ElementwiseLayer, GatedProductLayer, GradientLayer, MaxPoolLayer,
                                NormLayer, batchnorm_forward, eval_forward)
-from .rules import (DeconvNet, Gradient, GuidedBackprop, LinearRule, Norm, Pass, Proportional, Rule)
 
 
 class UnsupportedLayerError(TypeError):
@@ -40,22 +43,19 @@ class _Tracer(fx.Tracer):
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
 
 
-def trace(model: nn.Module, extra_leaves: tuple = ()) -> fx.GraphModule:
-    flags = [(m, m.training) for m in model.modules()]
+def trace(view: nn.Module, extra_leaves: tuple = ()) -> fx.GraphModule:
+    """The fx graph of ``view`` (an eval-mode view of the user's model)."""
+    tracer = _Tracer(layers.SUPPORTED + tuple(extra_leaves))
     try:
-        model.eval()
-        tracer = _Tracer(layers.SUPPORTED + tuple(extra_leaves))
-        graph = tracer.trace(model)
+        with TRACE_LOCK.writing():  # fx patches nn.Module process-wide while it traces
+            graph = tracer.trace(view)
     except Exception as err:
         raise TypeError(
-            f"fastlrp could not trace {type(model).__name__} with torch.fx ({type(err).__name__}: {err}). "
+            f"fastlrp could not trace {type(view).__name__} with torch.fx ({type(err).__name__}: {err}). "
             "LRP needs the model's graph; data-dependent Python control flow in forward() cannot be traced. "
             "Move it into a submodule and list that module in passthrough=..., or rewrite it with tensor ops."
         ) from err
-    finally:
-        for m, flag in flags:
-            m.training = flag
-    return fx.GraphModule(tracer.root, graph, class_name=f"LRP{type(model).__name__}")
+    return fx.GraphModule(tracer.root, graph, class_name=f"LRP{type(view).__name__}")
 
 
 # Functional ops, by target, mapped to the module type composites know them by.
@@ -164,8 +164,9 @@ def build(model: nn.Module, composite: Composite, options: Options) -> fx.GraphM
     """The explainer graph of ``model`` under ``composite``."""
     passthrough_types = tuple(p for p in options.passthrough if isinstance(p, type))
     passthrough_names = {p for p in options.passthrough if isinstance(p, str)}
-    gm = trace(model, passthrough_types)
-    first_name = composite.first_layer(model)
+    view = eval_view(model, keep_hooks=False)
+    gm = trace(view, passthrough_types)
+    first_name = composite.first_layer(view)
     graph = gm.graph
     new_modules: dict[str, nn.Module] = {}
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -202,7 +203,7 @@ def build(model: nn.Module, composite: Composite, options: Options) -> fx.GraphM
             module = gm.get_submodule(node.target)
             site = node.target
             if site in passthrough_names or isinstance(module, passthrough_types):
-                replace(node, GradientLayer(site, _eval_call(module)), list(node.args))
+                replace(node, GradientLayer(site, module), list(node.args))  # an eval-mode view
                 continue
             layer = _module_layer(node, site, module, resolve, options, folds)
             if layer is None:  # folded into its predecessor
@@ -225,19 +226,6 @@ def build(model: nn.Module, composite: Composite, options: Options) -> fx.GraphM
     graph.lint()
     gm.recompile()
     return gm
-
-
-def _eval_call(module: nn.Module):
-    """Call a user's pass-through module in eval mode, restoring its flags afterwards."""
-    def call(*args):
-        flags = [(m, m.training) for m in module.modules()]
-        try:
-            module.eval()
-            return module(*args)
-        finally:
-            for m, flag in flags:
-                m.training = flag
-    return call
 
 
 def _check_rule(site: str, module_type: str, rule: Rule, allowed: tuple):

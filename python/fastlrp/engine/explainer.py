@@ -3,7 +3,6 @@ backward pass whose "gradient" is the relevance."""
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -11,51 +10,13 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import composites as _composites
+from .. import backends as _backends
+from .. import composites as _composites
+from .._common.model_view import training_warning
+from .._common.targets import starting_relevance
 from . import graph as _graph
-from . import ops
-from .relevance_layers import RelevanceLayer
-
-BACKENDS = ("native", "triton", "reference")
-
-
-def available_backends(device: torch.device | str | None = None) -> list:
-    """Backends that can run on ``device`` (default: the CPU), fastest first.
-
-    ``native``: fastlrp._C's fused kernels and the block-form rules (needs the compiled
-    extension with kernels for the device). ``triton``: the fully fused Triton kernels (CUDA with
-    Triton installed; listed after native until measured on GPUs, see docs/triton.md; on the CPU
-    it runs only when asked for, under ``TRITON_INTERPRET=1``). ``reference``: the pure-PyTorch
-    oracle, always there."""
-    device = torch.device("cpu" if device is None else device)
-    names = ["native"] if ops.native_supports(device, torch.float32) else []
-    if device.type == "cuda" and _triton_importable():
-        names.append("triton")
-    return names + ["reference"]
-
-
-def _triton_importable() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("triton") is not None
-
-
-def _choose_backend(requested: str | None) -> str:
-    source = "backend=" if requested else "FASTLRP_BACKEND"
-    name = requested or os.environ.get("FASTLRP_BACKEND") or available_backends()[0]
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r} (from {source}); known: {list(BACKENDS)}")
-    if name == "native" and _native_build() is None:
-        raise ValueError(f"backend 'native' (from {source}) needs the compiled extension fastlrp._C, which is not "
-                         "built here (install the package with 'pip install .'); use backend='reference'")
-    if name == "triton" and not _triton_importable():
-        raise ValueError(f"backend 'triton' (from {source}) needs the triton package, which is not installed "
-                         "here; use backend='native' or 'reference'")
-    return name
-
-
-def _native_build():
-    from ._native import _C
-    return _C
+from .call import TRACE_LOCK, Call, ParameterWatch, active
+from .relevance_layers import AffineLayer, RelevanceLayer
 
 
 @dataclass
@@ -70,6 +31,8 @@ class Explanation:
     """The relevance the backward pass started from (same shape as ``output``)."""
     layers: dict = field(default_factory=dict)
     """Relevance arriving at the output of each layer named in ``layers=``."""
+    backends: dict = field(default_factory=dict)
+    """The backend that ran each layer with a rule (layer name -> "native", "triton", "reference")."""
 
 
 class LRP:
@@ -115,15 +78,16 @@ class LRP:
             raise ValueError(f"maxpool must be 'winner' or 'proportional', got {maxpool!r}")
         self.composite = _composites.get(composite, **rule_options)
         self.start = start
-        self.backend = _choose_backend(backend)
+        self.backend = _backends.choose(backend)
+        """The backend asked for; layers it cannot run fall back along ``backends.chain`` (see
+        ``Explanation.backends`` for what ran where)."""
+        self.save_memory = bool(save_memory)
         self.model = model
         options = _graph.Options(maxpool, fold_batchnorm, functional_rules, tuple(passthrough))
         self.graph_module = _graph.build(model, self.composite, options)
         self._sites = {m.site: m for m in self.graph_module.modules() if isinstance(m, RelevanceLayer)}
-        self.save_memory = bool(save_memory)
-        for layer in self._sites.values():
-            layer.backend = self.backend
-            layer.save_memory = self.save_memory
+        self._affine = [m for m in self._sites.values() if isinstance(m, AffineLayer)]
+        self._watch = ParameterWatch([layer.sources for layer in self._affine])
         self._input_layer = _layer_reading_input(self.graph_module)
 
     @property
@@ -146,27 +110,29 @@ class LRP:
         the output to the starting relevance, or None for each sample's predicted class.
         """
         self._check_input(x)
-        if self.model.training:
-            warnings.warn(f"{type(self.model).__name__} is in training mode; fastlrp explains it in eval mode "
-                          "(running batch-norm statistics, no dropout). Call model.eval() to silence this.",
-                          stacklevel=2)
+        message = training_warning(self.model)
+        if message:
+            warnings.warn(message, stacklevel=2)
         unknown = [name for name in layers if name not in self._sites]
         if unknown:
             raise KeyError(f"no layer named {unknown} in the explainer; names are explainer.layer_names, "
                            f"e.g. {self.layer_names[:5]}")
-        captured, handles = {}, []
-        for name in layers:
-            handles.append(self._sites[name].register_forward_hook(_capture_relevance(captured, name)))
-        try:
+        call = Call(_backends.chain(self.backend), self.save_memory, frozenset(layers))
+        with TRACE_LOCK.reading(), active(call):
+            self._refresh_weights()
             with torch.enable_grad():
                 x_leaf = x.detach().requires_grad_(True)
                 output = self.graph_module(x_leaf)
                 start = starting_relevance(output, target, self.start)
                 (relevance,) = torch.autograd.grad(output, x_leaf, start)
-        finally:
-            for h in handles:
-                h.remove()
-        return Explanation(relevance, output.detach(), start.detach(), captured)
+        return Explanation(relevance, output.detach(), start.detach(), dict(call.captured), dict(call.used))
+
+    def _refresh_weights(self):
+        """Drop the cached weights of every layer whose parameters changed since the last call."""
+        if torch.compiler.is_compiling():
+            return  # the layers fold and derive their weights inside the compiled graph
+        for i in self._watch.changed():
+            self._affine[i].invalidate()
 
     def _check_input(self, x):
         if not isinstance(x, torch.Tensor):
@@ -198,7 +164,7 @@ def _layer_reading_input(gm) -> RelevanceLayer | None:
 
 
 def _check_first_layer(layer, x):
-    module = layer._module[0]
+    module = layer.module
     op = layer.op
     if op.kind == "linear":
         ok, expected = x.shape[-1] == module.in_features, f"[..., {module.in_features}]"
@@ -208,49 +174,3 @@ def _check_first_layer(layer, x):
     if not ok:
         raise ValueError(f"input of shape {tuple(x.shape)} does not fit the first layer {layer.site} "
                          f"({type(module).__name__}), which expects {expected}")
-
-
-def _capture_relevance(store: dict, name: str):
-    def hook(module, inputs, output):
-        def keep(grad):
-            if grad is not None:  # None where no relevance arrives (a gate branch)
-                store[name] = grad.detach()
-        if output.requires_grad:
-            output.register_hook(keep)
-    return hook
-
-
-def starting_relevance(output: torch.Tensor, target, start: str = "logit") -> torch.Tensor:
-    """The relevance placed on the output before the backward pass."""
-    if callable(target) and not isinstance(target, torch.Tensor):
-        start_rel = target(output.detach())
-        if not isinstance(start_rel, torch.Tensor) or start_rel.shape != output.shape:
-            raise ValueError(f"target callable must return a tensor of the output's shape {tuple(output.shape)}")
-        return start_rel.to(output.dtype)
-    if output.ndim < 2:
-        raise ValueError(f"model output of shape {tuple(output.shape)} has no class dimension; "
-                         "pass target as a callable returning the starting relevance")
-    if target is None:
-        target = output.detach().argmax(1)
-    if isinstance(target, int) or (isinstance(target, torch.Tensor) and target.dtype in
-                                   (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)):
-        index = torch.as_tensor(target, device=output.device).long()
-        if index.ndim == 0:
-            index = index.expand(output.shape[0])
-        if index.shape != (output.shape[0],):
-            raise ValueError(f"target indices must be an int or have shape [{output.shape[0]}] (one per sample), "
-                             f"got shape {tuple(index.shape)}")
-        if (index < 0).any() or (index >= output.shape[1]).any():
-            raise ValueError(f"target index out of range for {output.shape[1]} classes: {index.tolist()}")
-        shape = (output.shape[0], 1) + (1,) * (output.ndim - 2)
-        weights = torch.zeros_like(output).scatter_(1, index.reshape(shape).expand(
-            (output.shape[0], 1) + tuple(output.shape[2:])), 1.0)
-    elif isinstance(target, torch.Tensor):
-        try:
-            weights = target.to(device=output.device, dtype=output.dtype).expand(output.shape)
-        except RuntimeError:
-            raise ValueError(f"target weights of shape {tuple(target.shape)} do not broadcast to the output "
-                             f"{tuple(output.shape)}") from None
-    else:
-        raise TypeError(f"target must be an int, a tensor or a callable, got {type(target).__name__}")
-    return output.detach() * weights if start == "logit" else weights.clone()

@@ -1,0 +1,236 @@
+"""The ``native`` backend: every linear rule as one block-structured layer, the element-wise work in
+the fused kernels of fastlrp._C (``fastlrp.ops``), cuDNN/oneDNN for the convolutions (docs/native.md).
+
+The block form is derived from the rule's declaration (``Rule.form()``): arrange the modified weights
+as a block matrix, group g's output channels by input modifier m's channels, block (g, m) = W_p for
+the part p with that group and input. Then
+
+    Z    = f(cat_m m(x); W_block) + b_block              one conv/GEMM: every z_g at once
+    S    = stabilize_divide(R, z_g, c_g, masks)          one native kernel, reads R once
+    G    = f^T(S; W_block)                               one transposed conv/GEMM
+    R_in = combine(x, G, modifiers)                      one native kernel
+
+Parts that vanish because the layer's input is non-negative (after a ReLU, from the graph) are dropped
+before the blocks are formed. Sample-free inputs (ones, the ZBox bounds) enter the forward pass through
+a batch-1 convolution broadcast over the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..linear_form import LinearForm, broadcast_bound
+from ..reference.affine import AffineOp
+from .base import Backend
+
+_CODES = {"x": ops.IDENTITY, "x+": ops.POSITIVE, "x-": ops.NEGATIVE, "ones": ops.ONE, "low": ops.TENSOR,
+          "high": ops.TENSOR}
+_MASKS = {"none": ops.MASK_NONE, "positive": ops.MASK_POSITIVE, "negative": ops.MASK_NEGATIVE}
+_SAMPLE_FREE = ("ones", "low", "high")
+
+
+class BlockRule:
+    """One rule on one linear layer in block form, built from the (folded) weight and bias."""
+
+    def __init__(self, op: AffineOp, form: LinearForm, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.op, self.form = op, form
+        self.epsilon = float(form.stabilizer)
+        self.coefficients = [float(g.coefficient) for g in form.groups]
+        self.masks = [_MASKS[g.mask] for g in form.groups]
+        self.uses_mask = form.uses_mask
+        self.modifiers = list(dict.fromkeys(p.input for p in form.parts))
+        blocks = {(p.group, p.input): p for p in form.parts}
+        if len(blocks) != len(form.parts):
+            raise ValueError("a form has two parts for one (group, input); merge them (linear_form.merge_parts)")
+        zero = torch.zeros_like(weight)
+        # Linear/conv weights are (out, in, ...): groups stack along dim 0, modifiers along dim 1.
+        rows = [torch.cat([blocks[(g, m)].weight.apply(weight) if (g, m) in blocks else zero
+                           for m in self.modifiers], dim=1) for g in range(len(form.groups))]
+        self.weight = torch.cat(rows, dim=0).contiguous()
+        self.sample_modifiers = [m for m in self.modifiers if m not in _SAMPLE_FREE]
+        self.free_modifiers = [m for m in self.modifiers if m in _SAMPLE_FREE]
+        c_in = weight.shape[1]
+        self.weight_sample = self._columns(self.sample_modifiers, c_in)
+        self.weight_free = self._columns(self.free_modifiers, c_in)
+        biases = [form.group_bias(g, bias) for g in range(len(form.groups))]
+        self.bias = None if all(b is None for b in biases) else torch.cat(
+            [torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device) if b is None else b
+             for b in biases])
+        self.z_is_output = form.z_is_output(bias)
+        # Where the z_g add up to k * f(x; W, b) (AlphaBeta: k = 1, Gamma: 2 + gamma), the output is
+        # taken from z: one convolution fewer per call. It equals f(x; W, b) up to rounding.
+        self.output_divisor = None if self.z_is_output else form.output_multiple(bias)
+        self._free_cache = {}
+
+    def _columns(self, modifiers, c_in):
+        if not modifiers:
+            return None
+        cols = [self.weight.narrow(1, self.modifiers.index(m) * c_in, c_in) for m in modifiers]
+        return torch.cat(cols, dim=1).contiguous()
+
+    def _modified(self, name: str, x):
+        if name == "x":
+            return x
+        if name == "x+":
+            return x.clamp(min=0)
+        if name == "x-":
+            return x.clamp(max=0)
+        if name == "ones":
+            return torch.ones_like(x[:1])
+        return broadcast_bound(self.form.bounds[name], x[:1], name)
+
+    def output_from(self, z):
+        """The layer's output from the stacked z (only where ``output_divisor`` is set)."""
+        groups = len(self.coefficients)
+        c_out = z.shape[1] // groups
+        total = z.narrow(1, 0, c_out)
+        for g in range(1, groups):
+            total = total + z.narrow(1, g * c_out, c_out)
+        if groups == 1:
+            total = total.clone()
+        return total if self.output_divisor == 1.0 else total.div_(self.output_divisor)
+
+    def z(self, x, output):
+        """Every z_g, stacked along channels (N, G*C_out, ...)."""
+        if self.z_is_output:
+            return output
+        z = None
+        if self.weight_sample is not None:
+            inputs = [self._modified(m, x) for m in self.sample_modifiers]
+            z = self.op(inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1), self.weight_sample, self.bias)
+        if self.weight_free is not None:
+            free = self._free_z(x)
+            z = free.expand((x.shape[0],) + tuple(free.shape[1:])) if z is None else z + free
+        return z
+
+    def _free_z(self, x):
+        """The sample-independent part of z, at batch size 1, cached per input shape (a block is
+        rebuilt whenever the parameters change, and the bounds are constants of the rule)."""
+        key = (tuple(x.shape[1:]), x.dtype, x.device)
+        free = self._free_cache.get(key)
+        if free is None:
+            inputs = [self._modified(m, x) for m in self.free_modifiers]
+            bias = self.bias if self.weight_sample is None else None
+            free = self._free_cache[key] = self.op(torch.cat(inputs, dim=1), self.weight_free, bias)
+        return free
+
+    def relevance(self, x, z, output, relevance):
+        c_out = relevance.shape[1]
+        zs = [z.narrow(1, g * c_out, c_out) for g in range(len(self.coefficients))]
+        s = ops.stabilize_divide(relevance, zs, self.coefficients, self.masks,
+                                 y=output if self.uses_mask else None, epsilon=self.epsilon)
+        g = transposed(self.op, s, self.weight, (x.shape[0], x.shape[1] * len(self.modifiers)) + tuple(x.shape[2:]))
+        bounds = [broadcast_bound(self.form.bounds[m], x, m) for m in self.modifiers if m in ("low", "high")]
+        return ops.combine(x, g, [_CODES[m] for m in self.modifiers], bounds)
+
+
+class BlockFunction(torch.autograd.Function):
+    """forward computes the output and every z part and keeps them; backward runs the block rule."""
+
+    @staticmethod
+    def forward(ctx, block, save_memory, x):
+        if block.output_divisor is not None:
+            z = block.z(x, None)
+            output = block.output_from(z)
+        else:
+            output = block.op(x, *block.params)
+            z = block.z(x, output)
+        ctx.block = block
+        # Gamma's sign masks need the output; where z holds it (output_divisor), it is rebuilt in
+        # backward from z instead of being kept: one activation-sized tensor less per layer.
+        keep_output = block.uses_mask and block.output_divisor is None
+        # save_memory: keep only x and recompute z in backward (one more forward convolution).
+        # Epsilon's z is the output itself, so there is nothing to recompute or to save.
+        keep_z = not save_memory or block.z_is_output
+        ctx.save_for_backward(x, z if keep_z else None, output if keep_output else None)
+        return output
+
+    @staticmethod
+    def backward(ctx, relevance):
+        x, z, output = ctx.saved_tensors
+        block = ctx.block
+        if z is None:
+            z = block.z(x, output)
+        if block.uses_mask and output is None:
+            output = block.output_from(z)
+        return None, None, block.relevance(x, z, output, relevance)
+
+
+def transposed(op: AffineOp, s: torch.Tensor, weight: torch.Tensor, input_shape: tuple) -> torch.Tensor:
+    """f^T(s; W): the gradient of f(x; W) with respect to x, applied to s.
+
+    A transposed convolution, with the output padding that restores the input's size. Not
+    aten.convolution_backward: it makes its (unused) input argument contiguous, a full-size
+    copy per call, and on the CPU it was 2-3.6x slower for strided layers (measured with oneDNN)."""
+    if op.kind == "linear":
+        return s.matmul(weight)
+    kernel = weight.shape[2:]
+    output_padding = [input_shape[2 + i] - ((s.shape[2 + i] - 1) * op.stride[i] - 2 * op.padding[i]
+                                            + op.dilation[i] * (kernel[i] - 1) + 1) for i in range(op.dims)]
+    return torch.ops.aten.convolution(s, weight, None, list(op.stride), list(op.padding), list(op.dilation),
+                                      True, output_padding, op.groups)
+
+
+def block_form_fits(op: AffineOp, x: torch.Tensor) -> bool:
+    """Whether a layer has the block form: Linear on (N, C), ConvNd without groups or string padding
+    (grouped and transposed convolutions run the reference rule)."""
+    if op.kind == "linear":
+        return x.ndim == 2
+    return op.kind == "conv" and op.groups == 1 and not isinstance(op.padding, str)
+
+
+class NativeBackend(Backend):
+    """fastlrp._C's fused kernels (CPU: float32/float64; CUDA: also float16/bfloat16)."""
+
+    name = "native"
+
+    def available(self, device) -> bool:
+        return ops.native_supports(torch.device(device), torch.float32)
+
+    # ---- linear layers
+    def supports_affine(self, layer, inputs) -> bool:
+        (x,) = inputs
+        return ops.native_supports(x.device, x.dtype) and block_form_fits(layer.op, x)
+
+    def block(self, layer) -> BlockRule:
+        """The layer's rule in block form for its current parameters (cached on the layer)."""
+        def build(weight, bias):
+            block = BlockRule(layer.op, layer.form(merge_positive=True), weight, bias)
+            block.params = (weight, bias)
+            return block
+        return layer.derived(self.name, build)
+
+    def forward_affine(self, layer, inputs):
+        return BlockFunction.apply(self.block(layer), layer.save_memory, inputs[0])
+
+    # ---- sums, average pooling, means
+    def supports_norm(self, layer, inputs) -> bool:
+        if layer.pooling is None or not ops.native_supports(inputs[0].device, inputs[0].dtype):
+            return False
+        if layer.pooling[0] == "sum":  # the kernel needs summands of one shape, (N, C, ...)
+            return inputs[0].ndim >= 2 and all(t.shape == inputs[0].shape and t.dtype == inputs[0].dtype
+                                               for t in inputs)
+        return inputs[0].ndim in (3, 4, 5)
+
+    def relevance_norm(self, layer, saved, shapes, relevance):
+        kind, spec = layer.pooling
+        eps = layer.rule.stabilizer
+        with torch.no_grad():
+            y = layer.compute(*saved)
+        if kind == "sum":
+            return tuple(ops.sum_relevance(saved, relevance, y, spec, eps))
+        if kind == "adaptive_avg":
+            return (ops.pool_relevance(saved[0], relevance, "adaptive_avg", y=y, epsilon=eps),)
+        return (ops.pool_relevance(saved[0], relevance, "avg", spec.kernel_size, spec.stride, spec.padding,
+                                   spec.ceil_mode, spec.count_include_pad, getattr(spec, "divisor_override", None),
+                                   y=y, epsilon=eps),)
+
+    # ---- max pooling, Proportional rule
+    def supports_maxpool(self, layer, inputs) -> bool:
+        return ops.native_supports(inputs[0].device, inputs[0].dtype)
+
+    def relevance_maxpool(self, layer, saved, shapes, relevance):
+        p = layer.pool
+        return (ops.pool_relevance(saved[0], relevance, "max_proportional", p.kernel_size, p.stride, p.padding,
+                                   p.ceil_mode, epsilon=layer.rule.stabilizer),)
