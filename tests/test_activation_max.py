@@ -7,10 +7,10 @@ from torch import nn
 from fastlrp.analysis import (Channel, ClassLogit, ClassProbability, Direction, GaussianDensity,
                               GaussianMixtureDensity, LayerEnergy, Neuron, RandomAffine, deep_dream,
                               maximize_activation)
-from fastlrp.analysis._model_guard import capturing_outputs
+from fastlrp._common.layers import capturing_outputs
 from fastlrp.analysis.activation_max import gram_similarity, high_frequency_energy, total_variation
-from fastlrp.demo import load_demo_model, make_dataset
-from fastlrp.demo.train import TRAIN_SEED
+from fastlrp.apps.demo import load_demo_model, make_dataset
+from fastlrp.apps.demo.train import TRAIN_SEED
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

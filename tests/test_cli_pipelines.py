@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastlrp.cli import main
+from fastlrp.apps.cli import main
 
 TESTS = Path(__file__).resolve().parent
 PYTHON_DIR = TESTS.parent / "python"
@@ -85,7 +85,7 @@ def test_explain_writes_heatmaps_overlays_and_predictions(tmp_path, capsys):
 def test_explain_torchvision_name_warns_random_weights_and_loads_weights(tmp_path, capsys):
     pytest.importorskip("torchvision")
     image = write_image(tmp_path / "x.png", size=(32, 32))
-    from fastlrp.models import RandomWeightsWarning
+    from fastlrp.apps.models import RandomWeightsWarning
 
     with pytest.warns(RandomWeightsWarning, match="resnet18 has random weights"):
         code, _, err = run_cli(capsys, "explain", image, "--model", "resnet18", "--num-classes", "4",
@@ -102,7 +102,7 @@ def test_explain_torchvision_name_warns_random_weights_and_loads_weights(tmp_pat
                                "--weights", tmp_path / "w.pt", "--out", tmp_path / "o2")
     assert code == 0, err
     record = json.loads((tmp_path / "o2" / "predictions.json").read_text())["images"][0]
-    from fastlrp.pipelines.common import IMAGENET_MEAN, IMAGENET_STD, load_image
+    from fastlrp.apps.pipelines.common import IMAGENET_MEAN, IMAGENET_STD, load_image
 
     x = (load_image(image, 3)[None] - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
     with torch.no_grad():
@@ -289,7 +289,7 @@ def run_dataset(args, torchrun=False, extra_env=None):
     env.update(extra_env or {})
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun
                 else [sys.executable])
-    return subprocess.run([*launcher, "-m", "fastlrp.cli", "dataset", *map(str, args)], env=env,
+    return subprocess.run([*launcher, "-m", "fastlrp.apps.cli", "dataset", *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -315,7 +315,7 @@ def test_dataset_layout(one_process_h5, image_folder):
     assert json.loads(attrs["classes"]) == ["cat", "dog"] and attrs["layout_version"] == 1
     import fastlrp
     from cli_tiny_models import tiny_cnn
-    from fastlrp.pipelines.common import load_image
+    from fastlrp.apps.pipelines.common import load_image
 
     model = tiny_cnn()
     x = torch.stack([load_image(image_folder / "dog" / "2.png", 3)])
@@ -443,7 +443,7 @@ def test_demo_report_embeds_its_images_and_names_the_artefact(tmp_path, capsys):
 
 
 def test_report_sections_are_a_list_of_title_html(tmp_path):
-    from fastlrp.report import image_html, table_html, write_report
+    from fastlrp.apps.report import image_html, table_html, write_report
 
     sections = [("First", "<p>one</p>"), ("Second & more", table_html(["a", "b"], [[1, 0.5]])),
                 ("Picture", image_html(np.zeros((4, 5, 3), np.uint8), "zeros"))]

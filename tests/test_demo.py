@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from fastlrp.cli import main
-from fastlrp.demo import data, run
-from fastlrp.demo import report as demo_report
-from fastlrp.demo.model import WEIGHTS_PATH, DemoCNN, load_demo_model
-from fastlrp.demo.train import evaluate
+from fastlrp.apps.cli import main
+from fastlrp.apps.demo import data, run
+from fastlrp.apps.demo import report as demo_report
+from fastlrp.apps.demo.model import WEIGHTS_PATH, DemoCNN, load_demo_model
+from fastlrp.apps.demo.train import evaluate
 
 
 # --- data ------------------------------------------------------------------------------

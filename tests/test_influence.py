@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastlrp.analysis import influence
-from fastlrp.demo import load_demo_model, make_dataset
+from fastlrp.apps.demo import load_demo_model, make_dataset
 
 N, D, WEIGHT_DECAY = 40, 4, 0.01
 

@@ -118,12 +118,12 @@ def test_bad_inputs_and_targets():
 
 
 def test_integrated_gradients_on_the_demo_model():
-    from fastlrp.demo.data import make_dataset
-    from fastlrp.demo.model import load_demo_model
+    from fastlrp.apps.demo.data import make_dataset
+    from fastlrp.apps.demo.model import load_demo_model
     model = load_demo_model()
     images = make_dataset(2, seed=0)[0]
     ig = IntegratedGradients(model, steps=16).explain(images, None)
-    assert ig.attribution.shape == images.shape
+    assert ig.relevance.shape == images.shape
     assert (ig.completeness_gap.abs() < 0.1 * ig.score.abs().clamp(min=1)).all()
 
 

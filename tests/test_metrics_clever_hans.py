@@ -7,8 +7,8 @@ import torch
 
 import fastlrp
 from fastlrp import metrics
-from fastlrp.demo import load_demo_model, make_dataset
-from fastlrp.demo.data import watermark_mask
+from fastlrp.apps.demo import load_demo_model, make_dataset
+from fastlrp.apps.demo.data import watermark_mask
 
 
 @pytest.fixture(scope="module")

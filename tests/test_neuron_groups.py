@@ -5,7 +5,7 @@ import torch
 
 import fastlrp
 from fastlrp.analysis import channel_attribution, neuron_groups, nmf
-from fastlrp.demo import load_demo_model, make_dataset
+from fastlrp.apps.demo import load_demo_model, make_dataset
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -8,7 +8,7 @@ import torch
 
 import fastlrp
 from fastlrp import analysis
-from fastlrp.demo import load_demo_model, make_dataset
+from fastlrp.apps.demo import load_demo_model, make_dataset
 
 
 def purity(labels, truth):

@@ -53,5 +53,5 @@ def zennit_relevance(model, x, composite, target, canonizers=(), **options):
 def densenet_canonizer(model):
     """Zennit's SequentialMergeBatchNorm fails on DenseNet (it pairs the last conv with norm5 of a
     different width), so name the pairs that really are conv -> batch norm for its NamedMergeBatchNorm."""
-    from fastlrp.benchmark import densenet_batchnorm_pairs
+    from fastlrp.apps.benchmark.providers import densenet_batchnorm_pairs
     return zcan.NamedMergeBatchNorm(densenet_batchnorm_pairs(model))

@@ -87,7 +87,7 @@ def _model_args(args) -> dict:
 
 
 def _check_composite(name: str) -> None:
-    from . import composites
+    from .. import composites
 
     if name not in composites.names():
         raise ValueError(f"unknown composite {name!r}; choose one of {', '.join(composites.names())}")
@@ -159,7 +159,7 @@ def _cmd_bench(args) -> int:
 # --- parser ---------------------------------------------------------------------------
 
 def _add_model_options(p, image_input: bool = True) -> None:
-    from . import composites
+    from .. import composites
 
     p.add_argument("--model", required=True, metavar="ARCH",
                    help="a torchvision classifier name (resnet18, vgg16, r3d_18, ...; random weights unless "
@@ -182,7 +182,7 @@ def _add_model_options(p, image_input: bool = True) -> None:
 
 
 def _add_render_options(p, alpha: float = 0.6) -> None:
-    from .viz import COLORMAPS
+    from ..viz import COLORMAPS
 
     p.add_argument("--cmap", default="bwr", metavar="NAME",
                    help=f"colour map: {', '.join(COLORMAPS)} or a matplotlib name (default: bwr)")
@@ -294,8 +294,8 @@ def _one_line_warnings():
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fastlrp`` console script; returns the exit code."""
-    from .extras import MissingExtraError
-    from .graph import UnsupportedLayerError
+    from ..extras import MissingExtraError
+    from ..graph import UnsupportedLayerError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     show_traceback = "--traceback" in argv

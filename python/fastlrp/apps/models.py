@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .extras import require
+from ..extras import require
 
 
 class RandomWeightsWarning(UserWarning):

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import viz
+from .. import viz
 
 Section = tuple  # (title: str, body: str of HTML)
 

@@ -2,7 +2,7 @@
 baselines, how much relevance each method puts on the watermark, pixel-flipping curves with
 their AOPC, and SpRAy clusters of many class-1 heatmaps.
 
-``demo_sections`` returns a list of ``(title, html)`` sections (see ``fastlrp.report``);
+``demo_sections`` returns a list of ``(title, html)`` sections (see ``fastlrp.apps.report``);
 ``pixel_flipping_section`` and ``spray_section`` return one more each, with their numbers,
 and ``run_demo`` appends them before ``write_report``.
 """
@@ -14,7 +14,7 @@ import html
 import numpy as np
 import torch
 
-from .. import viz
+from ... import viz
 from ..report import Section, image_html, table_html
 from .data import CLASS_NAMES, WATERMARK_CLASS, WATERMARK_SIZE, make_dataset, watermark_mask
 
@@ -136,7 +136,7 @@ PLOT_INCHES, PLOT_DPI = (6.4, 4.0), 100  # the embedded plot is 640 x 400 pixels
 def flipping_curves(model, images: torch.Tensor, labels: torch.Tensor, maps: dict, seed: int = 0) -> dict:
     """{method: most-relevant-first PerturbationCurve} for the maps of ``FLIP_METHODS`` (all maps
     where none of them is present), and the random-order baseline."""
-    from ..metrics import pixel_flipping
+    from ...metrics import pixel_flipping
 
     chosen = {name: maps[name] for name in FLIP_METHODS if name in maps} or maps
     curves = {name: pixel_flipping(model, images, relevance, labels, seed=seed, **FLIP_OPTIONS)
@@ -166,7 +166,7 @@ def _curves_figure(curves: dict):
 
 def first_patch_on_watermark(relevance: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """Per image, whether the patch pixel flipping perturbs first touches the watermark."""
-    from ..metrics import patch_ranks
+    from ...metrics import patch_ranks
 
     ranks, _ = patch_ranks(relevance, FLIP_OPTIONS["patch_size"], "most_relevant_first",
                            torch.Generator().manual_seed(seed))
@@ -224,7 +224,7 @@ def spray_section(explainer, n: int, seed: int, method: str, batch_size: int = 2
 
     Returns the section and a summary: per cluster its size, the fraction of its images that carry
     the watermark, and the share of its mean heatmap's positive relevance on the watermark."""
-    from ..analysis.spray import spray
+    from ...analysis.spray import spray
 
     if n < MIN_ANALYSIS_N:
         raise ValueError(f"analysis_n must be at least {MIN_ANALYSIS_N}, got {n}")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import viz
+from ... import viz
 from .data import CLASS_NAMES, make_dataset
 from .model import load_demo_model
 
@@ -92,7 +92,7 @@ def run_demo(
     (by 16-85% on the default eight images with epsilon_plus); ``zero_params="bias"``
     conserves it exactly.
     """
-    import fastlrp  # the engine; imported here so that fastlrp.demo loads on its own
+    import fastlrp  # the engine; imported here so that fastlrp.apps.demo loads on its own
 
     from .report import MIN_ANALYSIS_N
 

@@ -1,6 +1,6 @@
 """Train the demo CNN and write its weights.
 
-    python -m fastlrp.demo.train --out python/fastlrp/demo/weights.pt
+    python -m fastlrp.apps.demo.train --out python/fastlrp/apps/demo/weights.pt
 
 Deterministic: fixed seeds for the data and the initialisation, deterministic torch
 algorithms and a fixed thread count, so a rerun on the same torch version gives the same

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .. import models
-from ..extras import require
+from ...extras import require
 from .common import (IMAGE_SUFFIXES, chunks, convert_fix, image_channels, load_image, make_explainer,
                      preprocessing, progress, target_indices)
 

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import models, viz
+from .. import models
+from ... import viz
 from .common import (chunks, convert_fix, image_channels, load_image, make_explainer, preprocessing, progress,
                      target_indices)
 

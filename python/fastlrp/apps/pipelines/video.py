@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .. import models
-from ..extras import require
+from ...extras import require
 from .common import check_input_file, convert_fix, make_explainer, preprocessing, progress
 from .images import render
 

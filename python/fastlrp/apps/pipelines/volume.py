@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import models, viz
-from ..extras import require
+from .. import models
+from ... import viz
+from ...extras import require
 from .common import Preprocessing, check_input_file, make_explainer
 
 INTENSITY = ("zscore", "minmax", "none")
