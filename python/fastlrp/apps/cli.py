@@ -295,7 +295,7 @@ def _one_line_warnings():
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fastlrp`` console script; returns the exit code."""
     from ..extras import MissingExtraError
-    from ..graph import UnsupportedLayerError
+    from ..engine import UnsupportedLayerError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     show_traceback = "--traceback" in argv
