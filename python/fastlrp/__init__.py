@@ -5,11 +5,11 @@
     relevance = explainer(x, target)
 """
 
-from . import analysis, composites, layers, metrics, reference, rules, viz
+from . import analysis, backends, composites, layers, linear_form, metrics, reference, rules, viz
 from ._native import build_info
 from .composites import Composite
 from .engine import LRP, Explanation, available_backends, starting_relevance
-from .graph import UnsupportedLayerError
+from .engine import UnsupportedLayerError
 from . import methods
 from .methods import attribute
 from .methods import (CAM, LIME, Deconvolution, DeepTaylor, GradCAM, GradCAMPlusPlus, GradientTimesInput,
@@ -23,7 +23,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LRP", "Explanation", "Composite", "UnsupportedLayerError", "available_backends", "build_info",
-    "starting_relevance", "analysis", "composites", "heatmap", "layers", "metrics", "reference", "rules", "viz",
+    "starting_relevance", "analysis", "backends", "composites", "linear_form", "heatmap", "layers", "metrics",
+    "reference", "rules", "viz",
     "AlphaBeta", "DeconvNet", "Epsilon", "Flat", "Gamma", "Gradient", "GuidedBackprop", "Norm", "Pass",
     "Proportional", "WSquare", "ZBox", "ZPlus",
     # other attribution methods (fastlrp.methods)

@@ -16,7 +16,7 @@ namespace fastlrp {
 // How a rule part's output mask is formed from the layer's true output y (Gamma rule).
 enum class MaskMode : int { None = 0, Positive = 1, Negative = 2 };
 
-// How a rule part's input is formed from x: the m_k(x) of DESIGN.md section 4.
+// How a rule part's input is formed from x: the m_p(x) of docs/design.md, section 3.
 enum class InputModifier : int { Identity = 0, Positive = 1, Negative = 2, One = 3, Tensor = 4 };
 
 // s_g = c_g * mask_g(y) * R / stab(z_g) for every group g, reading R once per element.

@@ -1,4 +1,4 @@
-// Tensor views: what _C receives instead of torch tensors (DESIGN.md section 3).
+// Tensor views: what _C receives instead of torch tensors (docs/design.md, section 7).
 // A view is a data pointer, a dtype, a device and sizes/strides in elements. torch allocates
 // every buffer in Python; the kernels only read and write through these views.
 #pragma once

@@ -101,9 +101,9 @@ def _probe(device, dtype) -> torch.Tensor:
 
 
 def fingerprint(t: torch.Tensor) -> torch.Tensor:
-    """Two numbers that change when any element of ``t`` changes value: the sum, and a sum weighted
-    by a fixed pattern that depends on the position (so swaps and permutations show too). One read
-    of the tensor; computed on its device."""
+    """A number that changes when any element of ``t`` changes value: the sum of its elements
+    weighted by a fixed pattern that depends on the position (so swaps and permutations show too).
+    One read of the tensor, as a matrix-vector product on its device."""
     flat = t.detach().reshape(-1)
     if flat.element_size() < 4:  # half precision would round small edits away and overflow
         flat = flat.float()
@@ -112,8 +112,8 @@ def fingerprint(t: torch.Tensor) -> torch.Tensor:
     whole = n - n % _PROBE_LENGTH
     weighted = flat[whole:] @ probe[:n - whole]
     if whole:
-        weighted = weighted + (flat[:whole].view(-1, _PROBE_LENGTH) @ probe).sum()
-    return torch.stack([flat.sum(), weighted]).to(torch.float64)
+        weighted = weighted + (probe @ flat[:whole].view(-1, _PROBE_LENGTH).T).sum()
+    return weighted.to(torch.float64)
 
 
 class ParameterWatch:
@@ -150,5 +150,5 @@ class ParameterWatch:
             for entries in by_device.values():
                 prints = torch.stack([fingerprint(t) for _, _, t in entries]).tolist()
                 for (i, j, t), fp in zip(entries, prints):
-                    values[i][j] = (id(t), t.data_ptr(), t._version, t.dtype, tuple(t.shape), tuple(fp))
+                    values[i][j] = (id(t), t.data_ptr(), t._version, t.dtype, tuple(t.shape), fp)
         return values

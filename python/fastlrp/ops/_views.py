@@ -1,5 +1,5 @@
 """Tensors as the views fastlrp._C takes: (name, data pointer, dtype code, device type,
-device index, sizes, strides). The extension never sees a torch object (DESIGN.md section 3)."""
+device index, sizes, strides). The extension never sees a torch object (docs/design.md, section 7)."""
 
 from __future__ import annotations
 
