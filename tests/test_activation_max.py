@@ -7,7 +7,7 @@ from torch import nn
 from fastlrp.analysis import (Channel, ClassLogit, ClassProbability, Direction, GaussianDensity,
                               GaussianMixtureDensity, LayerEnergy, Neuron, RandomAffine, deep_dream,
                               maximize_activation)
-from fastlrp.analysis._model_guard import capturing_outputs
+from fastlrp._common.layers import capturing_outputs
 from fastlrp.analysis.activation_max import gram_similarity, high_frequency_energy, total_variation
 from fastlrp.apps.demo import load_demo_model, make_dataset
 from fastlrp.apps.demo.train import TRAIN_SEED

@@ -5,7 +5,7 @@ import torch
 
 import fastlrp
 from fastlrp.analysis import channel_attribution, channel_prototypes, semantic_dictionary
-from fastlrp.analysis._model_guard import capturing_outputs
+from fastlrp._common.layers import capturing_outputs
 from fastlrp.apps.demo import load_demo_model, make_dataset
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -30,7 +30,7 @@ def explainer(model):
 def test_channel_and_position_attributions_sum_to_the_layer_relevance(explainer, images):
     result = channel_attribution(explainer, images, "relu5", target=1)
     reference = explainer.explain(images, 1, layers=["relu5"])
-    torch.testing.assert_close(result.attribution, reference.layers["relu5"])
+    torch.testing.assert_close(result.relevance, reference.layers["relu5"])
     layer_total = reference.layers["relu5"].flatten(1).sum(1)
     torch.testing.assert_close(result.per_channel.sum(1), layer_total, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(result.per_position.flatten(1).sum(1), layer_total, rtol=1e-5, atol=1e-5)
@@ -91,8 +91,8 @@ def test_semantic_dictionary_ranks_channels_at_each_position(explainer, images):
     activation = result.activation.movedim(1, -1)
     torch.testing.assert_close(dictionary.values, activation.gather(-1, dictionary.indices))
     assert (dictionary.values[..., 0] == activation.amax(-1)).all()
-    by_relevance = semantic_dictionary(result, k=1, by="attribution")
-    assert (by_relevance.values[..., 0] == result.attribution.movedim(1, -1).amax(-1)).all()
+    by_relevance = semantic_dictionary(result, k=1, by="relevance")
+    assert (by_relevance.values[..., 0] == result.relevance.movedim(1, -1).amax(-1)).all()
 
 
 def test_channel_prototypes_excite_their_own_channel(model):

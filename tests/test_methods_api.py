@@ -123,7 +123,7 @@ def test_integrated_gradients_on_the_demo_model():
     model = load_demo_model()
     images = make_dataset(2, seed=0)[0]
     ig = IntegratedGradients(model, steps=16).explain(images, None)
-    assert ig.attribution.shape == images.shape
+    assert ig.relevance.shape == images.shape
     assert (ig.completeness_gap.abs() < 0.1 * ig.score.abs().clamp(min=1)).all()
 
 

@@ -27,8 +27,8 @@ def test_cam_mean_plus_bias_is_the_logit():
     target = torch.tensor([0, 2, 1])
     cam = CAM(model, layer="relu2").explain(x, target)
     logits = model(x).gather(1, target[:, None])[:, 0].detach()
-    assert cam.attribution.shape == (3, 8, 8)
-    torch.testing.assert_close(cam.attribution.mean((1, 2)) + model.fc.bias[target].detach(), logits)
+    assert cam.relevance.shape == (3, 8, 8)
+    torch.testing.assert_close(cam.relevance.mean((1, 2)) + model.fc.bias[target].detach(), logits)
 
 
 def test_gradcam_equals_a_hand_computation():

@@ -45,7 +45,7 @@ def test_integrated_gradients_completeness_with_enough_steps():
     result = IntegratedGradients(model, steps=200, rule="trapezoid", batch_size=97).explain(x, 0)
     f_x = model(x)[:, 0].detach()
     f_0 = model(torch.zeros_like(x))[:, 0].detach()
-    total = result.attribution.sum(1)
+    total = result.relevance.sum(1)
     assert (total - (f_x - f_0)).abs().max() < 1e-4
     torch.testing.assert_close(result.completeness_gap, total - (f_x - f_0))
     torch.testing.assert_close(result.baseline_score, f_0)
@@ -70,7 +70,7 @@ def test_integrated_gradients_of_a_linear_model_is_exact_for_any_baseline():
     for baseline in (0.5, torch.randn(1, 2, 6, 5, dtype=torch.float64), "blur"):
         method = IntegratedGradients(model, baseline=baseline, steps=2, rule="left", blur_sigma=1.0)
         result = method.explain(x, 1)
-        torch.testing.assert_close(result.attribution, w * (x - result.baseline))
+        torch.testing.assert_close(result.relevance, w * (x - result.baseline))
         assert result.completeness_gap.abs().max() < 1e-10
     blurred = IntegratedGradients(model, baseline="blur", blur_sigma=1.0).explain(x, 1).baseline
     assert not torch.allclose(blurred, x) and blurred.shape == x.shape

@@ -41,8 +41,8 @@ def test_occlusion_of_a_linear_model_equals_windowed_contributions(window, strid
     w = model.fc.weight[2].detach().reshape(2, 6, 5)
     expected = _windowed_contributions(w * (x - baseline), window, stride)
     result = Occlusion(model, window=window, stride=stride, baseline=baseline, batch_size=4).explain(x, 2)
-    torch.testing.assert_close(result.attribution, expected)
-    assert result.attribution.shape == x.shape
+    torch.testing.assert_close(result.relevance, expected)
+    assert result.relevance.shape == x.shape
 
 
 def test_occlusion_on_features_with_a_tensor_baseline():
@@ -91,7 +91,7 @@ def test_meaningful_perturbation_finds_the_planted_region():
     method = MeaningfulPerturbation(model, perturbation="constant", constant=0.0, steps=80, lr=0.1,
                                     mask_scale=2, jitter=0, l1_coeff=0.5, tv_coeff=0.2, score="logit", seed=1)
     result = method.explain(x, 0)
-    evidence = result.attribution[:, 0]
+    evidence = result.relevance[:, 0]
     assert result.mask.shape == (2, 1, 16, 16)
     assert result.score_curve.shape == (80, 2)
     assert (result.score_curve[-1] < 0.5 * result.score_curve[0]).all()    # the score was deleted
@@ -109,9 +109,9 @@ def test_meaningful_perturbation_preservation_blur_and_jitter_run():
     x[:, :, 4:8, 8:12] = 3.0
     result = MeaningfulPerturbation(model, mode="preservation", perturbation="blur", blur_sigma=3.0,
                                     steps=20, jitter=2, seed=0).explain(x, 0)
-    assert result.attribution.shape == x.shape and result.score_curve.shape == (20, 1)
+    assert result.relevance.shape == x.shape and result.score_curve.shape == (20, 1)
     assert ((result.mask >= 0) & (result.mask <= 1)).all()
-    assert torch.equal(result.attribution, result.mask)   # preservation: the kept part is the evidence
+    assert torch.equal(result.relevance, result.mask)   # preservation: the kept part is the evidence
 
 
 def test_meaningful_perturbation_on_features():
@@ -122,6 +122,6 @@ def test_meaningful_perturbation_on_features():
     x = torch.ones(1, 6) * 4
     result = MeaningfulPerturbation(model, perturbation="constant", steps=100, l1_coeff=0.2, tv_coeff=0.0,
                                     score="logit").explain(x, 0)
-    assert result.attribution.argmax().item() == 2 and result.mask.shape == (1, 6)
+    assert result.relevance.argmax().item() == 2 and result.mask.shape == (1, 6)
     with pytest.raises(ValueError, match="perturbation='blur'"):
         MeaningfulPerturbation(model)(x, 0)

@@ -21,7 +21,7 @@ def test_lime_recovers_a_linear_models_weights():
     w = model.weight[1].detach()
     for weights in result.feature_weights:
         torch.testing.assert_close(weights, w)
-    torch.testing.assert_close(result.attribution, w.expand(2, 6))
+    torch.testing.assert_close(result.relevance, w.expand(2, 6))
     torch.testing.assert_close(result.intercept, model.bias[1].detach().expand(2))
 
 
@@ -32,7 +32,7 @@ def test_kernel_shap_recovers_a_linear_models_contributions_when_sampling():
     method = KernelSHAP(model, n_samples=200, baseline=baseline, seed=0, batch_size=50)
     assert not method._enumerates(12)
     result = method.explain(x, 0)
-    torch.testing.assert_close(result.attribution, model.weight[0].detach() * (x - baseline))
+    torch.testing.assert_close(result.relevance, model.weight[0].detach() * (x - baseline))
 
 
 def _exact_shapley(value, n_features):
@@ -69,7 +69,7 @@ def test_feature_groups_share_one_weight():
     expected = torch.stack([contributions[:, :2].sum(1), contributions[:, 2:5].sum(1), contributions[:, 5]], 1)
     shap = KernelSHAP(model, segments=groups).explain(x, 2)
     torch.testing.assert_close(torch.stack(shap.feature_weights), expected)
-    torch.testing.assert_close(shap.attribution, expected[:, groups])
+    torch.testing.assert_close(shap.relevance, expected[:, groups])
     lime = fastlrp.attribute(model, x, 2, method="lime", segments=groups, ridge=1e-9, n_samples=100, seed=1)
     torch.testing.assert_close(lime, expected[:, groups])
 
@@ -89,7 +89,7 @@ def test_superpixels_on_images():
     assert labels.shape == (16, 16) and int(labels.max()) >= 1
     # constant within a superpixel and across channels; Shapley values of a sum add up exactly
     for label in labels.unique():
-        values = result.attribution[0][:, labels == label]
+        values = result.relevance[0][:, labels == label]
         assert torch.allclose(values, values.flatten()[0])
     totals = torch.stack([weights.sum() for weights in result.feature_weights])
     torch.testing.assert_close(totals, x.sum((1, 2, 3)))

@@ -184,15 +184,17 @@ def test_conservation_of_lrp_without_biases():
                           nn.Flatten(), nn.Linear(6, 3, bias=False)).double().eval()
     x = torch.rand(4, 1, 3, 4, dtype=torch.float64)
     explainer = fastlrp.LRP(model, composite="epsilon_plus")
-    report = metrics.conservation(model, explainer(x, None), x)
-    assert report["relative_error"].max() < 1e-3  # only the stabilizers' 1e-6 absorb relevance
-    assert torch.allclose(report["output"], model(x).max(1).values.detach())
+    report = metrics.conservation(model, x, relevance=explainer(x, None))
+    assert isinstance(report, metrics.Conservation)
+    assert report.relative_error.max() < 1e-3  # only the stabilizers' 1e-6 absorb relevance
+    assert torch.allclose(report.output, model(x).max(1).values.detach())
     # input x gradient on a linear model is complete w.r.t. a zero baseline, not otherwise
     linear = Linear2d(torch.randn(3, 12, dtype=torch.float64))
     relevance = linear.fc.weight[2].view(1, 1, 3, 4) * x
-    assert metrics.conservation(linear, relevance, x, 2)["absolute_error"].max() < 1e-12
-    shifted = metrics.conservation(linear, relevance, x, 2, baseline=torch.ones(1, 3, 4, dtype=torch.float64))
-    assert shifted["absolute_error"].min() > 1e-6
+    assert metrics.conservation(linear, x, relevance=relevance, target=2).absolute_error.max() < 1e-12
+    shifted = metrics.conservation(linear, x, relevance=relevance, target=2,
+                                   baseline=torch.ones(1, 3, 4, dtype=torch.float64))
+    assert shifted.absolute_error.min() > 1e-6
 
 
 def test_continuity_of_a_linear_explanation():
@@ -324,7 +326,7 @@ def test_metrics_do_not_touch_batch_norm_statistics_of_a_training_model():
     before = copy.deepcopy(model.state_dict())
     x = torch.rand(4, 1, 6, 6)
     metrics.pixel_flipping(model, x, torch.rand(4, 6, 6), steps=3)
-    metrics.conservation(model, torch.rand(4, 1, 6, 6), x)
+    metrics.conservation(model, x, relevance=torch.rand(4, 1, 6, 6))
     metrics.compare(model, {"r": lambda x, t: torch.rand_like(x)}, ["aopc_morf"], x)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key

@@ -13,13 +13,17 @@ so per-channel and per-position attributions both add up to the layer's total re
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..engine import LRP, starting_relevance
-from ._model_guard import capturing_outputs, evaluating
+from .._common.layers import capturing_outputs
+from .._common.model_view import eval_view
+from .._common.targets import target_weights
+from .._common.validate import check_tensor, choice
+from ..engine import LRP
 
 METHODS = ("lrp", "gradient_x_activation", "activation")
 
@@ -30,27 +34,34 @@ class ChannelAttribution:
 
     layer: str
     method: str
-    attribution: torch.Tensor
-    """Attribution of each unit of the layer (relevance for ``method="lrp"``)."""
+    relevance: torch.Tensor
+    """Attribution of each unit of the layer (LRP relevance for ``method="lrp"``)."""
     activation: torch.Tensor
     """The layer's output for the input."""
     output: torch.Tensor
     """The model's output for the input."""
 
     @property
+    def attribution(self) -> torch.Tensor:
+        """Deprecated name of ``relevance``."""
+        warnings.warn("ChannelAttribution.attribution is deprecated; use .relevance", DeprecationWarning,
+                      stacklevel=2)
+        return self.relevance
+
+    @property
     def per_channel(self) -> torch.Tensor:
-        """Attribution summed over positions: [N, C]."""
-        return self.attribution.flatten(2).sum(2) if self.attribution.ndim > 2 else self.attribution
+        """Relevance summed over positions: [N, C]."""
+        return self.relevance.flatten(2).sum(2) if self.relevance.ndim > 2 else self.relevance
 
     @property
     def per_position(self) -> torch.Tensor:
-        """Attribution summed over channels: [N, *positions] (a heatmap at the layer's resolution)."""
-        return self.attribution.sum(1)
+        """Relevance summed over channels: [N, *positions] (a heatmap at the layer's resolution)."""
+        return self.relevance.sum(1)
 
     @property
     def total(self) -> torch.Tensor:
-        """The layer's whole attribution per sample: [N]."""
-        return self.attribution.flatten(1).sum(1)
+        """The layer's whole relevance per sample: [N]."""
+        return self.relevance.flatten(1).sum(1)
 
     def top_channels(self, k: int, sample: int | None = None, absolute: bool = False):
         """The ``k`` channels with the largest attribution, largest first: (values, indices).
@@ -82,10 +93,8 @@ def channel_attribution(model, x: torch.Tensor, layer: str, target=None, *, meth
     ``method``: ``"lrp"`` -- the relevance arriving at the layer's output; ``"gradient_x_activation"``
     -- a * df/da, the attribution of Olah et al. (2018); ``"activation"`` -- a itself, no target.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError("x must be a floating-point tensor")
+    choice("method", method, METHODS)
+    check_tensor("x", x)
     if isinstance(model, LRP):
         if method != "lrp":
             raise ValueError(f"an LRP explainer was given as model; method={method!r} needs the nn.Module itself")
@@ -122,20 +131,22 @@ def _lrp_attribution(explainer: LRP, x, layer, target) -> ChannelAttribution:
 
 
 def _gradient_attribution(model, x, layer, target, method) -> ChannelAttribution:
-    with evaluating(model), capturing_outputs(model, [layer]) as acts, torch.enable_grad():
-        output = model(x.detach())
+    # The hook goes on an eval-mode view of the model; the model itself is not touched.
+    view = eval_view(model)
+    with capturing_outputs(view, [layer]) as acts, torch.enable_grad():
+        output = view(x.detach())
         activation = acts[layer]
         if method == "activation":
             return ChannelAttribution(layer, method, activation.detach(), activation.detach(), output.detach())
         if not activation.requires_grad:
             raise ValueError(f"layer {layer!r} does not depend on anything that carries a gradient")
         # start="one": the gradient of the target's logit (or of the weighted logits for weight targets).
-        weights = starting_relevance(output, target, start="one")
+        weights = target_weights(output, target)
         (grad,) = torch.autograd.grad(output, activation, weights, allow_unused=True)
     if grad is None:
         raise ValueError(f"the output does not depend on layer {layer!r}")
-    attribution = (activation * grad).detach()
-    return ChannelAttribution(layer, method, attribution, activation.detach(), output.detach())
+    relevance = (activation * grad).detach()
+    return ChannelAttribution(layer, method, relevance, activation.detach(), output.detach())
 
 
 @dataclass
@@ -150,11 +161,15 @@ class SemanticDictionary:
 
 def semantic_dictionary(attribution, k: int = 3, by: str = "activation") -> SemanticDictionary:
     """Rank channels at every position of a ``ChannelAttribution`` ``by`` its ``"activation"`` (what the
-    layer sees there) or its ``"attribution"`` (what matters there for the decision); or of a raw tensor
-    [N, C, *positions]."""
+    layer sees there) or its ``"relevance"`` (what matters there for the decision; ``"attribution"`` is
+    the deprecated old name); or of a raw tensor [N, C, *positions]."""
     if isinstance(attribution, ChannelAttribution):
-        if by not in ("activation", "attribution"):
-            raise ValueError(f"by must be 'activation' or 'attribution', got {by!r}")
+        if by == "attribution":
+            warnings.warn("semantic_dictionary(by='attribution') is deprecated; use by='relevance'",
+                          DeprecationWarning, stacklevel=2)
+            by = "relevance"
+        if by not in ("activation", "relevance"):
+            raise ValueError(f"by must be 'activation' or 'relevance', got {by!r}")
         tensor = getattr(attribution, by)
     elif isinstance(attribution, torch.Tensor):
         tensor = attribution

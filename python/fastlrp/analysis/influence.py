@@ -15,8 +15,9 @@ score marks a harmful point. H^-1 v is computed exactly (the full Hessian by ``t
 models up to a few thousand parameters, or for a chosen subset such as the last layer) or estimated by
 LiSSA (Agarwal et al. 2017), a truncated Neumann series over mini-batch Hessian-vector products.
 
-The model is read, never changed: it runs in eval mode (restored afterwards) through
-``torch.func.functional_call`` on detached copies of its parameters.
+The model is read, never changed, not even transiently: ``torch.func.functional_call`` runs an
+eval-mode view of it (``fastlrp._common.model_view.eval_view``, with its own parameter dicts, as
+functional_call swaps tensors in them) on detached copies of its parameters.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from ._model_guard import evaluating
+from .._common.model_view import eval_view
+from .._common.validate import check_callable, check_model, choice, number
 
 METHODS = ("exact", "lissa")
 
@@ -100,15 +102,10 @@ def influence(
     ``lissa_repeats`` runs; s = ``lissa_scale`` must exceed H's largest eigenvalue and defaults to 1.5x a
     power-iteration estimate of it. ``chunk_size`` bounds how many per-sample gradients are formed at once.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable (output, target) -> loss, got {type(loss_fn).__name__}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    for name, value in (("weight_decay", weight_decay), ("damping", damping)):
-        if not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    check_model(model)
+    check_callable(loss_fn, "loss_fn", "(output, target) -> loss")
+    choice("method", method, METHODS)
+    weight_decay, damping = number("weight_decay", weight_decay), number("damping", damping)
     _check_pair(train_inputs, train_targets, "train")
     _check_pair(test_inputs, test_targets, "test")
 
@@ -129,6 +126,7 @@ def influence(
     shapes = [(name, t.shape, t.numel()) for name, t in chosen.items()]
     theta = torch.cat([t.reshape(-1) for t in chosen.values()])
     n = train_inputs.shape[0]
+    view = eval_view(model, own_tensor_dicts=True)
 
     def unflatten(flat):
         out, offset = {}, 0
@@ -138,37 +136,36 @@ def influence(
         return out
 
     def sample_loss(flat, x, y):
-        output = functional_call(model, {**fixed, **unflatten(flat)}, (x[None],))
+        output = functional_call(view, {**fixed, **unflatten(flat)}, (x[None],))
         return loss_fn(output, y[None])
 
     def objective(flat, xs, ys):
-        outputs = functional_call(model, {**fixed, **unflatten(flat)}, (xs,))
+        outputs = functional_call(view, {**fixed, **unflatten(flat)}, (xs,))
         # Mean of the per-sample losses: the same value whether loss_fn reduces by mean or sum.
         losses = vmap(lambda o, y: loss_fn(o[None], y[None]))(outputs, ys)
         return losses.mean() + 0.5 * weight_decay * flat.pow(2).sum()
 
     per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0), chunk_size=chunk_size)
 
-    with evaluating(model):
-        train_grads = per_sample_grad(theta, train_inputs, train_targets)  # [n, P]
-        test_grads = per_sample_grad(theta, test_inputs, test_targets)  # [T, P]
-        if method == "exact":
-            if theta.numel() > max_exact_parameters:
-                raise ValueError(f"the exact Hessian over {theta.numel()} parameters is too large "
-                                 f"(max_exact_parameters={max_exact_parameters}); choose fewer parameters= "
-                                 "(e.g. the last layer) or method='lissa'")
-            # Reverse over reverse: no forward-mode AD, which not every op supports.
-            hessian = jacrev(grad(objective), chunk_size=chunk_size)(theta, train_inputs, train_targets)
-            hessian = 0.5 * (hessian + hessian.T) + damping * torch.eye(theta.numel(), dtype=theta.dtype,
-                                                                         device=theta.device)
-            chol, info = torch.linalg.cholesky_ex(hessian)
-            if info != 0:
-                raise ValueError("the Hessian of the training objective is not positive definite (is the model "
-                                 "trained to a minimum?); pass damping > 0 or a larger weight_decay")
-            inverse_hvp = torch.cholesky_solve(test_grads.T, chol).T
-        else:
-            inverse_hvp = _lissa(objective, theta, train_inputs, train_targets, test_grads, damping,
-                                 lissa_depth, lissa_repeats, lissa_batch_size, lissa_scale, seed)
+    train_grads = per_sample_grad(theta, train_inputs, train_targets)  # [n, P]
+    test_grads = per_sample_grad(theta, test_inputs, test_targets)  # [T, P]
+    if method == "exact":
+        if theta.numel() > max_exact_parameters:
+            raise ValueError(f"the exact Hessian over {theta.numel()} parameters is too large "
+                             f"(max_exact_parameters={max_exact_parameters}); choose fewer parameters= "
+                             "(e.g. the last layer) or method='lissa'")
+        # Reverse over reverse: no forward-mode AD, which not every op supports.
+        hessian = jacrev(grad(objective), chunk_size=chunk_size)(theta, train_inputs, train_targets)
+        hessian = 0.5 * (hessian + hessian.T) + damping * torch.eye(theta.numel(), dtype=theta.dtype,
+                                                                     device=theta.device)
+        chol, info = torch.linalg.cholesky_ex(hessian)
+        if info != 0:
+            raise ValueError("the Hessian of the training objective is not positive definite (is the model "
+                             "trained to a minimum?); pass damping > 0 or a larger weight_decay")
+        inverse_hvp = torch.cholesky_solve(test_grads.T, chol).T
+    else:
+        inverse_hvp = _lissa(objective, theta, train_inputs, train_targets, test_grads, damping,
+                             lissa_depth, lissa_repeats, lissa_batch_size, lissa_scale, seed)
 
     scores = inverse_hvp @ train_grads.T / n
     return Influence(scores.detach(), inverse_hvp.detach(), tuple(parameters), method)

@@ -116,7 +116,7 @@ def neuron_groups(model, x: torch.Tensor, layer: str, groups: int = 4, target=No
     ``attribution_options`` (composite, rule options) are those of ``channel_attribution``;
     ``iterations``, ``init`` and ``seed`` those of ``nmf``."""
     attribution = channel_attribution(model, x, layer, target, method=method, **attribution_options)
-    activation, relevance = attribution.activation, attribution.attribution
+    activation, relevance = attribution.activation, attribution.relevance
     if activation.ndim < 2:
         raise ValueError(f"layer {layer!r} gives activations of shape {tuple(activation.shape)}; need [N, C, ...]")
     if (activation < 0).any():

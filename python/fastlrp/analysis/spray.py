@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._optional import require
+from .._common.optional import require
 from .storage import HeatmapStore
 
 NORMALIZATIONS = ("max_abs", "l2", "sum_abs", None)
@@ -266,7 +266,7 @@ def spray(
     k = int(labels.max()) + 1  # k-means may leave a cluster empty on degenerate data
 
     if embedding == "tsne":
-        manifold = require("sklearn.manifold", "the t-SNE embedding of SpRAy")
+        manifold = require("sklearn.manifold", "analysis", "the t-SNE embedding of SpRAy")
         perplexity = float(min(30.0, max(2.0, (n - 1) / 3)))
         # Barnes-Hut's overhead outweighs its O(N log N) below about a thousand points.
         method = "exact" if n <= 1000 else "barnes_hut"

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from ._optional import require
+from .._common.optional import require
 
 HEATMAPS = "heatmaps"
 
@@ -44,7 +44,7 @@ class HeatmapStore:
             raise ValueError(f"mode must be 'r', 'a' or 'w', got {mode!r}")
         if not isinstance(chunk_rows, int) or chunk_rows < 1:
             raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
-        h5py = require("h5py", "storing heatmaps in HDF5")
+        h5py = require("h5py", "analysis", "storing heatmaps in HDF5")
         self.path = Path(path)
         if mode == "r" and not self.path.exists():
             raise FileNotFoundError(f"no heatmap store at {self.path}")

@@ -1,67 +1,21 @@
-"""What every attribution method shares: argument checks, the explained score, the model's
-state kept as the user left it, batched forward passes, blurring and progress bars."""
+"""What the attribution methods share: the explained score, the result dataclass, baselines,
+blurring, seeds and progress bars. Argument checks, targets and the model view are the package's
+(``fastlrp._common``)."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..engine import starting_relevance
-
-
-# ---------------------------------------------------------------- argument checks
-
-def check_model(model):
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+from .._common.targets import target_weights  # noqa: F401  (re-exported for the methods)
+from .._common.validate import positive_int
 
 
-def check_input(model: nn.Module, x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-    if x.ndim < 2:
-        raise ValueError(f"x must be batched: [N, features] or [N, C, ...], got shape {tuple(x.shape)}")
-    param = next(model.parameters(), None)
-    if param is not None and param.device != x.device:
-        raise ValueError(f"x is on {x.device} but the model's parameters are on {param.device}")
-
-
-def integer(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def number(name: str, value, minimum: float = 0.0, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < minimum or (strict and value == minimum):
-        bound = f"> {minimum}" if strict else f">= {minimum}"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-    return float(value)
-
-
-def choice(name: str, value, options) -> str:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {list(options)}, got {value!r}")
-    return value
-
-
-def per_dim(name: str, value, ndim: int) -> tuple:
-    """An int for every spatial dimension, or a tuple with one per dimension."""
-    values = (value,) * ndim if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
-    if len(values) != ndim or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-        raise ValueError(f"{name} must be a positive int or {ndim} positive ints (one per spatial "
-                         f"dimension), got {value!r}")
-    return values
-
+# ---------------------------------------------------------------- baselines
 
 def sample_shape_tensor(name: str, value, x: torch.Tensor) -> torch.Tensor:
     """A baseline given as a number or a tensor, broadcast to x's shape."""
@@ -76,40 +30,7 @@ def sample_shape_tensor(name: str, value, x: torch.Tensor) -> torch.Tensor:
     raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
 
 
-# ---------------------------------------------------------------- the model as the user left it
-
-@contextlib.contextmanager
-def frozen(model: nn.Module):
-    """Eval mode and parameters without gradients for the duration; every flag is restored
-    afterwards, also when the method raises. Parameter gradients are never needed, and not
-    recording them saves the backward pass their cost."""
-    training = {module: module.training for module in model.modules()}
-    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-    if model.training:
-        warnings.warn(f"{type(model).__name__} is in training mode; fastlrp explains it in eval mode "
-                      "(running batch-norm statistics, no dropout). Call model.eval() to silence this.",
-                      stacklevel=4)
-    try:
-        model.eval()
-        for p, _ in requires_grad:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for module, flag in training.items():
-            module.training = flag
-        for p, flag in requires_grad:
-            p.requires_grad_(flag)
-
-
 # ---------------------------------------------------------------- the explained score
-
-def target_weights(output: torch.Tensor, target) -> torch.Tensor:
-    """Per-output weights whose dot product with the output is the explained score.
-
-    ``target`` means what it means for ``fastlrp.LRP``; it is resolved once, on the clean
-    input, so perturbed inputs are scored for the same class (not their own argmax)."""
-    return starting_relevance(output, target, "one")
-
 
 def score(output: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """One scalar per row: sum(output * weights)."""
@@ -135,12 +56,20 @@ def input_gradient(model, x: torch.Tensor, weights) -> tuple:
 class Attribution:
     """What a method's ``explain`` returns; methods with more to report extend it."""
 
-    attribution: torch.Tensor
-    """The explanation: the input's shape (CAM methods: the layer's spatial shape, see there)."""
+    relevance: torch.Tensor
+    """The explanation: the input's shape (CAM methods: the layer's spatial shape, see there).
+    Named as ``fastlrp.Explanation.relevance``; ``attribution`` is its deprecated old name."""
     output: torch.Tensor
     """The model's output for the clean input."""
     score: torch.Tensor
     """The explained score per sample: sum(output * target weights)."""
+
+    @property
+    def attribution(self) -> torch.Tensor:
+        """Deprecated name of ``relevance``."""
+        warnings.warn("Attribution.attribution is deprecated; use .relevance (the name fastlrp.Explanation "
+                      "uses too)", DeprecationWarning, stacklevel=2)
+        return self.relevance
 
 
 # ---------------------------------------------------------------- helpers of several methods
@@ -197,5 +126,5 @@ def generator(seed, device) -> torch.Generator | None:
     if seed is None:
         return None
     gen = torch.Generator(device=device)
-    gen.manual_seed(integer("seed", seed, minimum=0))
+    gen.manual_seed(positive_int("seed", seed, minimum=0))
     return gen

@@ -49,6 +49,7 @@ def attribute(model: nn.Module, x: torch.Tensor, target=None, method: str = "gra
     input's with ``upsample=True``). ``target`` is a class index, one per sample, weights over the
     output, a callable, or None for the predicted class, as for ``fastlrp.LRP``. For what else a
     method reports (completeness gap, mask and score curve, superpixel weights), build it with
-    ``fastlrp.methods.get(method, model, **options)`` and call ``.explain(x, target)``.
+    ``fastlrp.methods.get(method, model, **options)`` and call ``.explain(x, target)``: a dataclass
+    whose ``relevance`` is this tensor. The model is run through an eval-mode view and never modified.
     """
     return get(method, model, **options)(x, target)

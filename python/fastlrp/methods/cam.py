@@ -9,27 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._common.layers import find_module
 from ._common import Attribution, score, target_weights
 from .base import AttributionMethod
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def find_module(model: nn.Module, layer, what: str = "layer") -> tuple:
-    """(name, module) for a module name or a module of the model."""
-    named = dict(model.named_modules())
-    if isinstance(layer, str):
-        if layer not in named:
-            close = [n for n in named if n and layer in n][:5]
-            raise ValueError(f"{what}={layer!r} is not a module of the model"
-                             + (f"; did you mean one of {close}?" if close else ""))
-        return layer, named[layer]
-    if isinstance(layer, nn.Module):
-        for name, module in named.items():
-            if module is layer:
-                return name, module
-        raise ValueError(f"{what} is a {type(layer).__name__} that is not part of the model")
-    raise TypeError(f"{what} must be a module name or a module of the model, got {type(layer).__name__}")
 
 
 def _last_of(model, types, what):
@@ -40,18 +24,19 @@ def _last_of(model, types, what):
 
 
 class _LayerMap(AttributionMethod):
-    """Shared by the CAM family: record the layer's output (and its gradient) in one pass."""
+    """Shared by the CAM family: record the layer's output (and its gradient) in one pass.
+    The hook goes on the layer of the eval-mode view, never on the user's module."""
 
     needs_gradient = True
 
     def __init__(self, model, layer=None, upsample: bool = False, relu: bool = True):
         super().__init__(model)
         layer = _last_of(model, _CONVOLUTIONS, "layer") if layer is None else layer
-        self.layer, self._module = find_module(model, layer)
+        self.layer = find_module(model, layer)[0]
         self.upsample = bool(upsample)
         self.relu = bool(relu)
 
-    def _activations(self, x, target):
+    def _activations(self, model, x, target):
         captured = {}
 
         def keep(module, inputs, output):
@@ -61,11 +46,11 @@ class _LayerMap(AttributionMethod):
                                  "spatial feature map [N, C, *spatial]")
             captured["activation"] = output
 
-        handle = self._module.register_forward_hook(keep)
+        handle = model.get_submodule(self.layer).register_forward_hook(keep)
         try:
-            with torch.enable_grad():
+            with torch.set_grad_enabled(self.needs_gradient):
                 leaf = x.detach().requires_grad_(self.needs_gradient)
-                output = self.model(leaf)
+                output = model(leaf)
                 if "activation" not in captured:
                     raise ValueError(f"layer={self.layer!r} was not called in the model's forward pass")
                 activation = captured["activation"]
@@ -109,8 +94,8 @@ class CAM(_LayerMap):
             raise ValueError(f"classifier={self.classifier!r} must be an nn.Linear, "
                              f"got {type(self._classifier).__name__}")
 
-    def _explain(self, x, target):
-        activation, _, output, weights, explained = self._activations(x, target)
+    def _explain(self, model, x, target):
+        activation, _, output, weights, explained = self._activations(model, x, target)
         if output.ndim != 2 or weights.shape[1] != self._classifier.out_features:
             raise ValueError(f"CAM needs the classifier={self.classifier!r} to produce the output "
                              f"[N, {self._classifier.out_features}]; the model outputs {tuple(output.shape)}")
@@ -133,8 +118,8 @@ class GradCAM(_LayerMap):
 
     name = "gradcam"
 
-    def _explain(self, x, target):
-        activation, grad, output, _, explained = self._activations(x, target)
+    def _explain(self, model, x, target):
+        activation, grad, output, _, explained = self._activations(model, x, target)
         alpha = grad.flatten(2).mean(2)
         cam = torch.einsum("nk,nk...->n...", alpha, activation)
         return self._finish(cam, x, output, explained)
@@ -149,8 +134,8 @@ class GradCAMPlusPlus(_LayerMap):
 
     name = "gradcam++"
 
-    def _explain(self, x, target):
-        activation, grad, output, _, explained = self._activations(x, target)
+    def _explain(self, model, x, target):
+        activation, grad, output, _, explained = self._activations(model, x, target)
         g2, g3 = grad.square(), grad.pow(3)
         spatial = tuple(range(2, activation.ndim))
         denominator = 2 * g2 + (activation * g3).sum(spatial, keepdim=True)

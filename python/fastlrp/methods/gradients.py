@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import (Attribution, choice, gaussian_blur, generator, input_gradient, integer, number, per_sample_range,
-                      sample_shape_tensor, score, target_weights)
+from .._common.validate import choice, number, positive_int
+from ._common import (Attribution, gaussian_blur, generator, input_gradient, per_sample_range, sample_shape_tensor,
+                      score, target_weights)
 from .base import AttributionMethod
 
 
@@ -18,9 +19,9 @@ class _GradientFamily(AttributionMethod):
     def _combine(self, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _explain(self, x, target):
+    def _explain(self, model, x, target):
         # One forward pass, differentiated; the target is resolved on its output.
-        grad, output, weights = input_gradient(self.model, x, lambda out: target_weights(out, target))
+        grad, output, weights = input_gradient(model, x, lambda out: target_weights(out, target))
         return Attribution(self._combine(grad, x), output, score(output, weights))
 
 
@@ -77,14 +78,14 @@ class SmoothGrad(AttributionMethod):
                  batch_size: int = 64, seed: int | None = None):
         super().__init__(model)
         self.noise_level = number("noise_level", noise_level)
-        self.n_samples = integer("n_samples", n_samples)
+        self.n_samples = positive_int("n_samples", n_samples)
         self.squared = bool(squared)
-        self.batch_size = integer("batch_size", batch_size)
-        self.seed = None if seed is None else integer("seed", seed, minimum=0)
+        self.batch_size = positive_int("batch_size", batch_size)
+        self.seed = None if seed is None else positive_int("seed", seed, minimum=0)
 
-    def _explain(self, x, target):
+    def _explain(self, model, x, target):
         with torch.no_grad():
-            output = self.model(x)
+            output = model(x)
         weights = target_weights(output, target)
         gen = generator(self.seed, x.device)
         sigma = self.noise_level * per_sample_range(x)
@@ -93,7 +94,7 @@ class SmoothGrad(AttributionMethod):
             (self.n_samples,) + tuple(x.shape), generator=gen, device=x.device, dtype=x.dtype)
         rows = noisy.reshape(-1, *x.shape[1:])
         row_weights = weights.unsqueeze(0).expand(self.n_samples, *weights.shape).reshape(-1, *weights.shape[1:])
-        grads = _chunked_gradients(self.model, rows, row_weights, self.batch_size).reshape(noisy.shape)
+        grads = _chunked_gradients(model, rows, row_weights, self.batch_size).reshape(noisy.shape)
         mean = grads.square().mean(0) if self.squared else grads.mean(0)
         return Attribution(mean, output, score(output, weights))
 
@@ -105,7 +106,7 @@ class IntegratedGradientsAttribution(Attribution):
     baseline_score: torch.Tensor = None
     """f(baseline) per sample."""
     completeness_gap: torch.Tensor = None
-    """sum(attribution) - (f(x) - f(baseline)) per sample: the integration error (0 for the exact integral)."""
+    """sum(relevance) - (f(x) - f(baseline)) per sample: the integration error (0 for the exact integral)."""
 
 
 _RULES = ("left", "right", "midpoint", "trapezoid")
@@ -144,9 +145,9 @@ class IntegratedGradients(AttributionMethod):
         elif not isinstance(baseline, (int, float, torch.Tensor)) or isinstance(baseline, bool):
             raise TypeError(f"baseline must be 'zeros', 'blur', a number or a tensor, got {type(baseline).__name__}")
         self.baseline = baseline
-        self.steps = integer("steps", steps)
+        self.steps = positive_int("steps", steps)
         self.rule = choice("rule", rule, _RULES)
-        self.batch_size = integer("batch_size", batch_size)
+        self.batch_size = positive_int("batch_size", batch_size)
         self.blur_sigma = number("blur_sigma", blur_sigma)
 
     def _baseline_for(self, x):
@@ -159,9 +160,9 @@ class IntegratedGradients(AttributionMethod):
             return gaussian_blur(x, self.blur_sigma)
         return sample_shape_tensor("baseline", self.baseline, x)
 
-    def _explain(self, x, target):
+    def _explain(self, model, x, target):
         with torch.no_grad():
-            output = self.model(x)
+            output = model(x)
         weights = target_weights(output, target)
         baseline = self._baseline_for(x)
         alphas, quad = path_points(self.steps, self.rule, x.dtype, x.device)
@@ -176,11 +177,11 @@ class IntegratedGradients(AttributionMethod):
             point, sample = idx // n, idx % n
             shape = (-1,) + (1,) * (x.ndim - 1)
             inputs = baseline[sample] + alphas[point].reshape(shape) * delta[sample]
-            grads = input_gradient(self.model, inputs, weights[sample])[0]
+            grads = input_gradient(model, inputs, weights[sample])[0]
             integral.index_add_(0, sample, grads * quad[point].reshape(shape))
-        attribution = delta * integral
+        relevance = delta * integral
         with torch.no_grad():
-            baseline_score = score(self.model(baseline), weights)
+            baseline_score = score(model(baseline), weights)
         explained = score(output, weights)
-        gap = attribution.flatten(1).sum(1) - (explained - baseline_score)
-        return IntegratedGradientsAttribution(attribution, output, explained, baseline, baseline_score, gap)
+        gap = relevance.flatten(1).sum(1) - (explained - baseline_score)
+        return IntegratedGradientsAttribution(relevance, output, explained, baseline, baseline_score, gap)

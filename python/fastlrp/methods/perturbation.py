@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._common import (Attribution, choice, gaussian_blur, generator, integer, number, per_dim,
-                      per_sample_range, progress_bar, sample_shape_tensor, score, spatial_dims, target_weights)
+from .._common.validate import choice, number, per_dim, positive_int, tri_state
+from ._common import (Attribution, gaussian_blur, generator, per_sample_range, progress_bar, sample_shape_tensor,
+                      score, spatial_dims, target_weights)
 from .base import AttributionMethod
 
 
@@ -51,10 +52,8 @@ class Occlusion(AttributionMethod):
         if not isinstance(baseline, (int, float, torch.Tensor)) or isinstance(baseline, bool):
             raise TypeError(f"baseline must be a number or a tensor, got {type(baseline).__name__}")
         self.baseline = baseline
-        self.batch_size = integer("batch_size", batch_size)
-        if progress not in (None, True, False):
-            raise ValueError(f"progress must be None, True or False, got {progress!r}")
-        self.progress = progress
+        self.batch_size = positive_int("batch_size", batch_size)
+        self.progress = tri_state("progress", progress)
 
     def _geometry(self, x):
         dims = spatial_dims(x)
@@ -66,9 +65,9 @@ class Occlusion(AttributionMethod):
         starts = [window_starts(s, w, st) for s, w, st in zip(sizes, window, stride)]
         return dims, window, starts
 
-    def _explain(self, x, target):
+    def _explain(self, model, x, target):
         with torch.no_grad():
-            output = self.model(x)
+            output = model(x)
         weights = target_weights(output, target)
         explained = score(output, weights)
         baseline = sample_shape_tensor("baseline", self.baseline, x)
@@ -91,7 +90,7 @@ class Occlusion(AttributionMethod):
                     for start in range(0, len(positions), self.batch_size):
                         chunk = window_masks[start:start + self.batch_size]
                         occluded = torch.where(chunk, baseline[i:i + 1], x[i:i + 1])
-                        sample_drops.append(explained[i] - score(self.model(occluded), weights[i:i + 1]))
+                        sample_drops.append(explained[i] - score(model(occluded), weights[i:i + 1]))
                         if bar is not None:
                             bar.update(1)
                     drops.append(torch.cat(sample_drops))
@@ -101,11 +100,11 @@ class Occlusion(AttributionMethod):
         drops = torch.stack(drops)  # [N, P]
         coverage = masks.flatten(1).sum(0).to(x.dtype)
         per_position = (drops @ masks.flatten(1).to(x.dtype)) / coverage  # mean drop of covering windows
-        attribution = per_position.reshape((x.shape[0],) + masks.shape[1:])
+        relevance = per_position.reshape((x.shape[0],) + masks.shape[1:])
         if x.ndim > 2:
-            attribution = attribution.unsqueeze(1).expand_as(x).clone()
+            relevance = relevance.unsqueeze(1).expand_as(x).clone()
         window_scores = drops.reshape((x.shape[0],) + tuple(len(s) for s in starts))
-        return OcclusionAttribution(attribution, output, explained, window_scores)
+        return OcclusionAttribution(relevance, output, explained, window_scores)
 
 
 @dataclass
@@ -156,18 +155,18 @@ class MeaningfulPerturbation(AttributionMethod):
         super().__init__(model)
         self.mode = choice("mode", mode, ("deletion", "preservation"))
         self.perturbation = choice("perturbation", perturbation, ("blur", "noise", "constant"))
-        self.steps = integer("steps", steps)
+        self.steps = positive_int("steps", steps)
         self.lr = number("lr", lr, strict=True)
         self.l1_coeff = number("l1_coeff", l1_coeff)
         self.tv_coeff = number("tv_coeff", tv_coeff)
         self.tv_beta = number("tv_beta", tv_beta, minimum=1.0)
-        self.mask_scale = integer("mask_scale", mask_scale)
-        self.jitter = integer("jitter", jitter, minimum=0)
+        self.mask_scale = positive_int("mask_scale", mask_scale)
+        self.jitter = positive_int("jitter", jitter, minimum=0)
         self.blur_sigma = number("blur_sigma", blur_sigma, strict=True)
         self.noise_std = number("noise_std", noise_std)
         self.constant = number("constant", constant, minimum=-float("inf"))
         self.score = choice("score", score, ("probability", "log_probability", "logit"))
-        self.seed = None if seed is None else integer("seed", seed, minimum=0)
+        self.seed = None if seed is None else positive_int("seed", seed, minimum=0)
 
     def _class_score(self, output, weights):
         if self.score == "logit":
@@ -178,13 +177,13 @@ class MeaningfulPerturbation(AttributionMethod):
         log_p = output.log_softmax(1)
         return score(log_p.exp() if self.score == "probability" else log_p, weights)
 
-    def _explain(self, x, target):
+    def _explain(self, model, x, target):
         tabular = x.ndim == 2
         if tabular and self.perturbation == "blur":
             raise ValueError("perturbation='blur' needs spatial inputs [N, C, *spatial]; "
                              "use 'noise' or 'constant' for [N, features]")
         with torch.no_grad():
-            output = self.model(x)
+            output = model(x)
         weights = target_weights(output, target)
         gen = generator(self.seed, x.device)
         full = x.shape[1:] if tabular else x.shape[2:]
@@ -205,14 +204,15 @@ class MeaningfulPerturbation(AttributionMethod):
                     perturbed = x + self.noise_std * value_range * noise
                 composed = x * upsampled + perturbed * (1 - upsampled)
                 composed = self._jitter(composed, gen, tabular)
-                class_score = self._class_score(self.model(composed), weights)
+                class_score = self._class_score(model(composed), weights)
                 area = (1 - mask) if self.mode == "deletion" else mask
                 sign = 1.0 if self.mode == "deletion" else -1.0
                 loss = (self.l1_coeff * area.flatten(1).mean(1)
                         + self.tv_coeff * total_variation(mask, self.tv_beta, mask_dims)
                         + sign * class_score)
-                optimizer.zero_grad()
-                loss.sum().backward()  # samples are independent: their losses just add
+                # samples are independent: their losses just add. Only the mask is differentiated,
+                # so no gradient reaches (or is written to) the model's parameters.
+                (mask.grad,) = torch.autograd.grad(loss.sum(), mask)
                 optimizer.step()
                 with torch.no_grad():
                     mask.clamp_(0, 1)
@@ -220,8 +220,8 @@ class MeaningfulPerturbation(AttributionMethod):
         with torch.no_grad():
             final = self._upsample(mask.detach(), full, tabular)
         evidence = 1 - final if self.mode == "deletion" else final
-        attribution = evidence.expand_as(x).clone()
-        return MaskAttribution(attribution, output, score(output, weights), final, torch.stack(curve))
+        relevance = evidence.expand_as(x).clone()
+        return MaskAttribution(relevance, output, score(output, weights), final, torch.stack(curve))
 
     @staticmethod
     def _upsample(mask, full, tabular):

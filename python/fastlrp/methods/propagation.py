@@ -7,9 +7,10 @@ from __future__ import annotations
 from torch import nn
 
 from .. import composites
+from .._common.validate import check_input, choice
 from ..engine import LRP
 from ..rules import DeconvNet, GuidedBackprop
-from ._common import Attribution, choice, score
+from ._common import Attribution, score
 from .base import AttributionMethod
 
 
@@ -19,7 +20,12 @@ class _EngineMethod(AttributionMethod):
     def _build(self, composite, start: str, **engine_options):
         self.explainer = LRP(self.model, composite, start=start, **engine_options)
 
-    def _explain(self, x, target):
+    def explain(self, x, target=None) -> Attribution:
+        # The engine runs its own eval-mode view of the model and warns about training mode itself.
+        check_input(self.model, x)
+        return self._explain(None, x.detach(), target)
+
+    def _explain(self, model, x, target):
         result = self.explainer.explain(x, target)
         # start="logit" begins from output * weights, start="one" from the weights themselves
         explained = (score(result.output, result.start) if self.explainer.start == "one"

@@ -8,18 +8,17 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import (Attribution, gaussian_blur, generator, integer, number, progress_bar,
-                      sample_shape_tensor, score, target_weights)
+from .._common.optional import require
+from .._common.validate import number, positive_int, tri_state
+from ._common import (Attribution, gaussian_blur, generator, progress_bar, sample_shape_tensor, score,
+                      target_weights)
 from .base import AttributionMethod
 
 
 def slic_segments(image: torch.Tensor, n_segments: int, compactness: float) -> torch.Tensor:
     """SLIC superpixels (Achanta et al. 2012, scikit-image) of one image [C, H, W]."""
-    try:
-        from skimage.segmentation import slic
-    except ImportError:
-        raise ImportError("superpixels need scikit-image: pip install 'fastlrp[methods]' "
-                          "(or pass segments=... yourself)") from None
+    slic = require("skimage.segmentation", "methods",
+                   "superpixels (LIME, KernelSHAP without segments=...)").slic
     array = image.detach().to("cpu", torch.float64)
     # scaled to [0, 1] so that compactness means the same for every input range
     array = (array - array.min()) / (array.max() - array.min()).clamp(min=1e-12)
@@ -40,7 +39,7 @@ class _FeatureGroups:
         if segments is not None and not (isinstance(segments, torch.Tensor) or callable(segments)):
             raise TypeError(f"segments must be None, a label tensor or a callable, got {type(segments).__name__}")
         self.segments = segments
-        self.n_segments = integer("n_segments", n_segments, minimum=2)
+        self.n_segments = positive_int("n_segments", n_segments, minimum=2)
         self.compactness = number("compactness", compactness, strict=True)
 
     def labels(self, x: torch.Tensor, i: int) -> torch.Tensor:
@@ -94,11 +93,9 @@ class _Surrogate(AttributionMethod):
         _check_baseline(baseline)
         self.baseline = baseline
         self.blur_sigma = number("blur_sigma", blur_sigma, strict=True)
-        self.batch_size = integer("batch_size", batch_size)
-        self.seed = None if seed is None else integer("seed", seed, minimum=0)
-        if progress not in (None, True, False):
-            raise ValueError(f"progress must be None, True or False, got {progress!r}")
-        self.progress = progress
+        self.batch_size = positive_int("batch_size", batch_size)
+        self.seed = None if seed is None else positive_int("seed", seed, minimum=0)
+        self.progress = tri_state("progress", progress)
 
     def _fit(self, coalitions, values, full_value, empty_value) -> tuple:
         raise NotImplementedError
@@ -106,31 +103,31 @@ class _Surrogate(AttributionMethod):
     def _coalitions(self, n_features: int, gen, device) -> torch.Tensor:
         raise NotImplementedError
 
-    def _explain(self, x, target):
+    def _explain(self, model, x, target):
         with torch.no_grad():
-            output = self.model(x)
+            output = model(x)
         weights = target_weights(output, target)
         explained = score(output, weights)
         baseline = _baseline_of(self.baseline, x, self.blur_sigma)
         gen = generator(self.seed, x.device)
-        attribution = torch.empty_like(x)
+        relevance = torch.empty_like(x)
         all_weights, intercepts, all_labels = [], [], []
         for i in range(x.shape[0]):
             labels = self._groups.labels(x, i)
             n_features = int(labels.max()) + 1
             coalitions = self._coalitions(n_features, gen, x.device).to(x.dtype)
-            values = self._values(x[i:i + 1], baseline[i:i + 1], labels, coalitions, weights[i:i + 1])
+            values = self._values(model, x[i:i + 1], baseline[i:i + 1], labels, coalitions, weights[i:i + 1])
             with torch.no_grad():
-                empty_value = score(self.model(baseline[i:i + 1]), weights[i:i + 1])[0]
+                empty_value = score(model(baseline[i:i + 1]), weights[i:i + 1])[0]
             coef, intercept = self._fit(coalitions, values, explained[i], empty_value)
             position_map = coef[labels]
-            attribution[i] = position_map if x.ndim == 2 else position_map.unsqueeze(0).expand_as(x[i])
+            relevance[i] = position_map if x.ndim == 2 else position_map.unsqueeze(0).expand_as(x[i])
             all_weights.append(coef)
             intercepts.append(intercept)
             all_labels.append(labels)
-        return SurrogateAttribution(attribution, output, explained, all_weights, torch.stack(intercepts), all_labels)
+        return SurrogateAttribution(relevance, output, explained, all_weights, torch.stack(intercepts), all_labels)
 
-    def _values(self, sample, fill, labels, coalitions, weights) -> torch.Tensor:
+    def _values(self, model, sample, fill, labels, coalitions, weights) -> torch.Tensor:
         """Scores of the sample with the features outside each coalition set to the baseline."""
         values = []
         bar = progress_bar(-(-coalitions.shape[0] // self.batch_size), self.progress, self.name)
@@ -140,7 +137,7 @@ class _Surrogate(AttributionMethod):
                     keep = coalitions[start:start + self.batch_size][:, labels].bool()  # [K, *spatial]
                     if sample.ndim > 2:
                         keep = keep.unsqueeze(1)  # the same for every channel
-                    values.append(score(self.model(torch.where(keep, sample, fill)), weights))
+                    values.append(score(model(torch.where(keep, sample, fill)), weights))
                     if bar is not None:
                         bar.update(1)
         finally:
@@ -181,7 +178,7 @@ class LIME(_Surrogate):
                  segments=None, n_segments: int = 50, compactness: float = 10.0, baseline=0.0,
                  blur_sigma: float = 5.0, batch_size: int = 64, seed: int | None = None, progress=None):
         super().__init__(model, segments, n_segments, compactness, baseline, blur_sigma, batch_size, seed, progress)
-        self.n_samples = integer("n_samples", n_samples, minimum=2)
+        self.n_samples = positive_int("n_samples", n_samples, minimum=2)
         self.kernel_width = number("kernel_width", kernel_width, strict=True)
         self.ridge = number("ridge", ridge)
 
@@ -223,7 +220,7 @@ class KernelSHAP(_Surrogate):
                  compactness: float = 10.0, baseline=0.0, blur_sigma: float = 5.0, batch_size: int = 64,
                  seed: int | None = None, progress=None):
         super().__init__(model, segments, n_segments, compactness, baseline, blur_sigma, batch_size, seed, progress)
-        self.n_samples = integer("n_samples", n_samples, minimum=2)
+        self.n_samples = positive_int("n_samples", n_samples, minimum=2)
 
     def _enumerates(self, n_features):
         return n_features < 62 and 2 ** n_features - 2 <= self.n_samples

@@ -15,7 +15,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ._common import check_model, check_positive_int, forward_in_batches, resolve_target
+from .._common.targets import class_indices
+from .._common.validate import check_model, positive_int
+from ._common import forward_in_batches
 from .localization import relevance_mass_accuracy, relevance_rank_accuracy
 from .perturbation import PerturbationCurve, pixel_flipping
 from .properties import continuity, conservation
@@ -67,7 +69,8 @@ def relevance_rank_metric(name: str = "relevance_rank") -> Metric:
 def conservation_metric(name: str = "conservation_error", baseline: torch.Tensor | None = None) -> Metric:
     """Relative conservation error |sum R - f_c(x)| / |f_c(x)| (smaller is better)."""
     def compute(data: MetricInput):
-        return conservation(data.model, data.relevance, data.x, data.target, baseline=baseline)["relative_error"]
+        return conservation(data.model, data.x, relevance=data.relevance, target=data.target,
+                            baseline=baseline).relative_error
     return Metric(name, compute, False)
 
 
@@ -226,14 +229,14 @@ def compare(
     names = [m.name for m in metric_list]
     if len(set(names)) != len(names):
         raise ValueError(f"metrics must have distinct names, got {names}")
-    batch_size = check_positive_int("batch_size", batch_size)
+    batch_size = positive_int("batch_size", batch_size)
 
     result = Comparison(list(explainers), metric_list)
     values = {e: {m.name: [] for m in metric_list} for e in explainers}
     curves = {e: {} for e in explainers}
     seconds = dict.fromkeys(explainers, 0.0)
     for x, batch_target, batch_masks in _batches(data, target, masks, batch_size):
-        batch_target = resolve_target(batch_target, forward_in_batches(model, x, batch_size)).to(x.device)
+        batch_target = class_indices(forward_in_batches(model, x, batch_size), batch_target).to(x.device)
         for metric in metric_list:
             if metric.needs_masks and batch_masks is None:
                 raise ValueError(f"metric {metric.name!r} needs ground-truth masks; pass masks=")

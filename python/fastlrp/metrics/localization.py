@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_tensor, pixel_map
+from .._common.validate import check_tensor
+from ._common import pixel_map
 
 
 def _heat_and_masks(relevance: torch.Tensor, masks) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,8 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import (check_choice, eval_mode, check_fraction, check_model, check_positive_int, check_tensor,
-                      forward_in_batches, model_device, model_dtype, pixel_map, resolve_target)
+from .._common.model_view import eval_view
+from .._common.targets import class_indices
+from .._common.validate import (check_callable, check_model, check_tensor, choice, fraction, model_device,
+                                model_dtype, positive_int)
+from ._common import forward_in_batches, pixel_map
 
 ORDERS = ("most_relevant_first", "least_relevant_first", "random")
 SCORES = ("logit", "probability", "log_probability")
@@ -78,7 +81,7 @@ class InpaintFill:
     name = "inpaint"
 
     def __init__(self, iterations: int = 64):
-        self.iterations = check_positive_int("iterations", iterations)
+        self.iterations = positive_int("iterations", iterations)
 
     def __call__(self, x, mask, generator=None):
         keep = (~mask).to(x.dtype)
@@ -155,7 +158,7 @@ def aopc(curve, reduction: str = "mean"):
     for a curve of L + 1 scores f(x^(0)), ..., f(x^(L)). ``curve`` is a ``PerturbationCurve``, a
     tensor [N, L + 1] or [L + 1], or a sequence of numbers. ``reduction="mean"`` gives the
     average over samples as a float, ``"none"`` one value per sample (a tensor [N])."""
-    check_choice("reduction", reduction, ("mean", "none"))
+    choice("reduction", reduction, ("mean", "none"))
     scores = curve.scores if isinstance(curve, PerturbationCurve) else curve
     if not isinstance(scores, torch.Tensor):
         try:
@@ -238,7 +241,8 @@ def pixel_flipping(
 ) -> PerturbationCurve:
     """Perturb ``x`` patch by patch in the order of ``relevance`` and record the model's score.
 
-    model: the classifier; run in eval mode under ``no_grad`` on its own device (not modified).
+    model: the classifier; run under ``no_grad`` on its own device through an eval-mode view (the
+        model itself is not modified, not even transiently).
     x: [N, C, H, W] inputs. relevance: [N, C, H, W] or [N, H, W] (channels are summed).
     target: None (the predicted class on ``x``), an int, or one index per sample.
     order: ``"most_relevant_first"`` (MoRF), ``"least_relevant_first"`` (LeRF) or ``"random"``.
@@ -260,42 +264,42 @@ def pixel_flipping(
     if relevance.shape[0] != x.shape[0] or relevance.shape[-2:] != x.shape[-2:]:
         raise ValueError(f"relevance of shape {tuple(relevance.shape)} does not match x {tuple(x.shape)} "
                          "(need [N, C, H, W] or [N, H, W] with x's N, H and W)")
-    check_choice("order", order, ORDERS)
-    patch_size = check_positive_int("patch_size", patch_size)
+    choice("order", order, ORDERS)
+    patch_size = positive_int("patch_size", patch_size)
     if patch_size > max(x.shape[-2:]):
         raise ValueError(f"patch_size {patch_size} is larger than the image ({x.shape[-2]}x{x.shape[-1]})")
-    steps = check_positive_int("steps", steps)
-    max_fraction = check_fraction("max_fraction", max_fraction)
-    batch_size = check_positive_int("batch_size", batch_size)
+    steps = positive_int("steps", steps)
+    max_fraction = fraction("max_fraction", max_fraction)
+    batch_size = positive_int("batch_size", batch_size)
     if not callable(score):
-        check_choice("score", score, SCORES)
+        choice("score", score, SCORES)
     fill = _perturbation(perturbation)
 
-    with eval_mode(model):  # a dropout or batch-norm layer must not change between steps
-        device, dtype = model_device(model, x.device), model_dtype(model, x.dtype)
-        x = x.detach().to(device, dtype)
-        logits = forward_in_batches(model, x, batch_size)
-        target = resolve_target(target, logits)
+    view = eval_view(model)  # a dropout or batch-norm layer must not change between steps
+    device, dtype = model_device(model, x.device), model_dtype(model, x.dtype)
+    x = x.detach().to(device, dtype)
+    logits = forward_in_batches(view, x, batch_size)
+    target = class_indices(logits, target)
 
-        generator = torch.Generator().manual_seed(seed)
-        ranks, num_patches = patch_ranks(relevance, patch_size, order, generator)
-        ranks = ranks.to(device)
-        total = round(max_fraction * num_patches)
-        counts = torch.tensor([round(k * total / steps) for k in range(steps + 1)], device=device)
+    generator = torch.Generator().manual_seed(seed)
+    ranks, num_patches = patch_ranks(relevance, patch_size, order, generator)
+    ranks = ranks.to(device)
+    total = round(max_fraction * num_patches)
+    counts = torch.tensor([round(k * total / steps) for k in range(steps + 1)], device=device)
 
-        replaced = fill.replacement(x, generator) if hasattr(fill, "replacement") else None
-        n = x.shape[0]
-        pairs = torch.cartesian_prod(torch.arange(n), torch.arange(steps + 1)).to(device)  # (image, step)
-        scores = torch.empty(n * (steps + 1), dtype=torch.float64)
-        for start in range(0, pairs.shape[0], batch_size):
-            image, step = pairs[start:start + batch_size].unbind(1)
-            mask = (ranks[image] < counts[step][:, None, None])[:, None]
-            if replaced is not None:
-                perturbed = torch.where(mask, replaced[image], x[image])
-            else:
-                perturbed = fill(x[image], mask, generator)
-            output = model(perturbed)
-            scores[start:start + image.shape[0]] = _score(output, target[image], score).double().cpu()
+    replaced = fill.replacement(x, generator) if hasattr(fill, "replacement") else None
+    n = x.shape[0]
+    pairs = torch.cartesian_prod(torch.arange(n), torch.arange(steps + 1)).to(device)  # (image, step)
+    scores = torch.empty(n * (steps + 1), dtype=torch.float64)
+    for start in range(0, pairs.shape[0], batch_size):
+        image, step = pairs[start:start + batch_size].unbind(1)
+        mask = (ranks[image] < counts[step][:, None, None])[:, None]
+        if replaced is not None:
+            perturbed = torch.where(mask, replaced[image], x[image])
+        else:
+            perturbed = fill(x[image], mask, generator)
+        output = view(perturbed)
+        scores[start:start + image.shape[0]] = _score(output, target[image], score).double().cpu()
 
     fractions = counts.cpu().double() / num_patches
     name = getattr(fill, "name", getattr(fill, "__name__", type(fill).__name__))
@@ -308,8 +312,7 @@ def selectivity(model: nn.Module, explainer: Callable, x: torch.Tensor, target=N
 
     Selectivity (Montavon et al. 2018): a good explanation points first at the features whose
     removal makes the score drop fastest; ``curve.aopc()`` summarises it (larger is better)."""
-    if not callable(explainer):
-        raise TypeError(f"explainer must be a callable (x, target) -> relevance, got {type(explainer).__name__}")
+    check_callable(explainer, "explainer", "(x, target) -> relevance")
     check_model(model)
     if target is None:
         target = forward_in_batches(model, x, pixel_flipping_options.get("batch_size", 256)).argmax(1)

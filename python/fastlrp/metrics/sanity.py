@@ -17,8 +17,9 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from ._common import (check_choice, check_model, check_positive_int, check_tensor, forward_in_batches,
-                      pixel_map, rank_correlation, resolve_target)
+from .._common.targets import class_indices
+from .._common.validate import check_callable, check_model, check_tensor, choice, positive_int
+from ._common import forward_in_batches, pixel_map, rank_correlation
 from .properties import explain_in_batches
 
 MODES = ("cascading", "independent")
@@ -92,12 +93,10 @@ def model_randomization(
         registration order.
     """
     check_model(model)
-    if not callable(explainer_factory):
-        raise TypeError(f"explainer_factory must be a callable model -> explainer, got "
-                        f"{type(explainer_factory).__name__}")
+    check_callable(explainer_factory, "explainer_factory", "model -> explainer")
     check_tensor("x", x, ndim_min=2)
-    check_choice("mode", mode, MODES)
-    batch_size = check_positive_int("batch_size", batch_size)
+    choice("mode", mode, MODES)
+    batch_size = positive_int("batch_size", batch_size)
     available = parameter_layers(model)
     if layers is None:
         chosen = available
@@ -113,7 +112,7 @@ def model_randomization(
         raise ValueError("the model has no layers with parameters to randomize")
     chosen = chosen[::-1]  # from the output side
 
-    target = resolve_target(target, forward_in_batches(model, x, batch_size))
+    target = class_indices(forward_in_batches(model, x, batch_size), target)
     original = pixel_map(explain_in_batches(explainer_factory(model), x, target, batch_size)).flatten(1)
 
     result = RandomizationResult(mode)
