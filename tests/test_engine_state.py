@@ -69,6 +69,7 @@ def test_one_explainer_from_four_threads_with_layer_taps(backend):
             assert set(result.layers) == set(taps)
             for name in taps:
                 torch.testing.assert_close(result.layers[name], alone[i].layers[name], rtol=1e-12, atol=1e-14)
+                torch.testing.assert_close(result.activations[name], alone[i].activations[name], rtol=0, atol=0)
             assert result.backends == alone[i].backends
 
 

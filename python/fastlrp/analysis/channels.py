@@ -114,20 +114,10 @@ def channel_attribution(model, x: torch.Tensor, layer: str, target=None, *, meth
 def _lrp_attribution(explainer: LRP, x, layer, target) -> ChannelAttribution:
     if not isinstance(layer, str) or layer not in explainer.layer_names:
         raise ValueError(f"layer={layer!r} is not a layer of the explainer; names are {explainer.layer_names}")
-    site = next(m for m in explainer.graph_module.modules() if getattr(m, "site", None) == layer)
-    captured = {}
-
-    def keep(module, inputs, output):
-        captured["activation"] = output.detach()
-
-    handle = site.register_forward_hook(keep)
-    try:
-        result = explainer.explain(x, target, layers=[layer])
-    finally:
-        handle.remove()
+    result = explainer.explain(x, target, layers=[layer])  # relevance and activation, kept per call
     if layer not in result.layers:
         raise ValueError(f"no relevance reaches layer {layer!r} (is it on a branch the output does not depend on?)")
-    return ChannelAttribution(layer, "lrp", result.layers[layer], captured["activation"], result.output)
+    return ChannelAttribution(layer, "lrp", result.layers[layer], result.activations[layer], result.output)
 
 
 def _gradient_attribution(model, x, layer, target, method) -> ChannelAttribution:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..linear_form import LinearForm, broadcast_bound
+from ..linear_form import LinearForm, broadcast_bound, modified_input
 from ..reference.affine import AffineOp
 from .base import Backend
 
@@ -70,15 +70,8 @@ class BlockRule:
         return torch.cat(cols, dim=1).contiguous()
 
     def _modified(self, name: str, x):
-        if name == "x":
-            return x
-        if name == "x+":
-            return x.clamp(min=0)
-        if name == "x-":
-            return x.clamp(max=0)
-        if name == "ones":
-            return torch.ones_like(x[:1])
-        return broadcast_bound(self.form.bounds[name], x[:1], name)
+        # sample-free inputs (ones, bounds) are formed at batch size 1 and broadcast in z()
+        return modified_input(name, x if name not in _SAMPLE_FREE else x[:1], self.form.bounds)
 
     def output_from(self, z):
         """The layer's output from the stacked z (only where ``output_divisor`` is set)."""

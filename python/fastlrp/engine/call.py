@@ -27,6 +27,8 @@ class Call:
     taps: frozenset = frozenset()
     captured: dict = field(default_factory=dict)
     """Relevance at the output of each tapped layer."""
+    activations: dict = field(default_factory=dict)
+    """The output of each tapped layer."""
     used: dict = field(default_factory=dict)
     """The backend that ran each layer (by layer name)."""
 

@@ -3,6 +3,7 @@ backward pass whose "gradient" is the relevance."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -31,6 +32,8 @@ class Explanation:
     """The relevance the backward pass started from (same shape as ``output``)."""
     layers: dict = field(default_factory=dict)
     """Relevance arriving at the output of each layer named in ``layers=``."""
+    activations: dict = field(default_factory=dict)
+    """The output (activation) of each layer named in ``layers=``."""
     backends: dict = field(default_factory=dict)
     """The backend that ran each layer with a rule (layer name -> "native", "triton", "reference")."""
 
@@ -118,14 +121,17 @@ class LRP:
             raise KeyError(f"no layer named {unknown} in the explainer; names are explainer.layer_names, "
                            f"e.g. {self.layer_names[:5]}")
         call = Call(_backends.chain(self.backend), self.save_memory, frozenset(layers))
-        with TRACE_LOCK.reading(), active(call):
+        # (a lock cannot be traced by torch.compile; a compiled call does not run concurrently with a build)
+        guard = contextlib.nullcontext() if torch.compiler.is_compiling() else TRACE_LOCK.reading()
+        with guard, active(call):
             self._refresh_weights()
             with torch.enable_grad():
                 x_leaf = x.detach().requires_grad_(True)
                 output = self.graph_module(x_leaf)
                 start = starting_relevance(output, target, self.start)
                 (relevance,) = torch.autograd.grad(output, x_leaf, start)
-        return Explanation(relevance, output.detach(), start.detach(), dict(call.captured), dict(call.used))
+        return Explanation(relevance, output.detach(), start.detach(), dict(call.captured), dict(call.activations),
+                           dict(call.used))
 
     def _refresh_weights(self):
         """Drop the cached weights of every layer whose parameters changed since the last call."""

@@ -47,8 +47,10 @@ class RelevanceLayer(nn.Module):
             backend = next(b for b in call.backends if b.supports(self, inputs))
             call.used[self.site] = backend.name
             output = backend.forward(self, inputs)
-        if self.site in call.taps and isinstance(output, torch.Tensor) and output.requires_grad:
-            output.register_hook(_keeper(call.captured, self.site))
+        if self.site in call.taps and isinstance(output, torch.Tensor):
+            call.activations[self.site] = output.detach()
+            if output.requires_grad:
+                output.register_hook(_keeper(call.captured, self.site))
         return output
 
     @property
@@ -85,6 +87,12 @@ class AffineLayer(RelevanceLayer):
         self._sources = (module, batchnorm)
         self._cache: dict = {}
         self.nonnegative_input = False  # set from the graph: the input comes from a ReLU (or alike)
+        # The rule's declaration in every variant the backends ask for, made once at build: the rule
+        # is read here, and a compiled call then needs no Python object construction.
+        if hasattr(rule, "form"):
+            declared = rule.form()
+            self._forms = {(False, merge): declared for merge in (False, True)}
+            self._forms.update({(True, merge): declared.for_nonnegative_input(merge) for merge in (False, True)})
 
     @property
     def module(self) -> nn.Module:
@@ -130,8 +138,7 @@ class AffineLayer(RelevanceLayer):
 
     def form(self, merge_positive: bool) -> LinearForm:
         """The rule's declaration, with the parts a non-negative input makes zero dropped."""
-        form = self.rule.form()
-        return form.for_nonnegative_input(merge_positive) if self.nonnegative_input else form
+        return self._forms[(self.nonnegative_input, merge_positive)]
 
     def compute(self, x):
         return self.op(x, *self.params())
@@ -139,7 +146,7 @@ class AffineLayer(RelevanceLayer):
     def reference_relevance(self, saved, shapes, relevance):
         (x,) = saved
         weight, bias = self.params()
-        return (reference.linear_relevance(self.op, self.rule.form(), x, weight, bias, relevance),)
+        return (reference.linear_relevance(self.op, self._forms[(False, False)], x, weight, bias, relevance),)
 
 
 def fold_batchnorm(op: reference.AffineOp, weight, bias, bn: nn.Module):

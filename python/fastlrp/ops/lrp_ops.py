@@ -19,6 +19,11 @@ from ..reference.stabilize import stabilize
 from ._views import collapse_spatial, stream_of, view
 
 MASK_NONE, MASK_POSITIVE, MASK_NEGATIVE = 0, 1, 2
+
+# An op's output layout follows its inputs' (channels-last in, channels-last out): under torch.compile
+# the inputs must keep the strides they were traced with, or inductor's layout choices (channels-last
+# convolutions) would give outputs whose strides differ from the fake kernels'.
+_EXACT_STRIDES = (torch.Tag.needs_exact_strides,)
 IDENTITY, POSITIVE, NEGATIVE, ONE, TENSOR = 0, 1, 2, 3, 4
 
 _CPU_DTYPES = (torch.float32, torch.float64)
@@ -78,7 +83,7 @@ def _check_like(ref: Tensor, ref_name: str, t: Tensor, name: str, op: str, shape
 
 # ---------------------------------------------------------------- stabilize-and-divide
 
-@torch.library.custom_op("fastlrp::stabilize_divide", mutates_args=())
+@torch.library.custom_op("fastlrp::stabilize_divide", mutates_args=(), tags=_EXACT_STRIDES)
 def _stabilize_divide(relevance: Tensor, z: list[Tensor], y: Optional[Tensor], coefficients: list[float],
                       masks: list[int], epsilon: float) -> Tensor:
     channels = relevance.shape[1]
@@ -101,7 +106,8 @@ def _stabilize_divide(relevance: Tensor, z: list[Tensor], y: Optional[Tensor], c
 
 @_stabilize_divide.register_fake
 def _(relevance, z, y, coefficients, masks, epsilon):
-    return relevance.new_empty((relevance.shape[0], relevance.shape[1] * len(z)) + tuple(relevance.shape[2:]))
+    # the same layout as the real op (channels-last in, channels-last out): inductor checks the strides
+    return _new_output((relevance.shape[0], relevance.shape[1] * len(z)) + tuple(relevance.shape[2:]), relevance)
 
 
 def stabilize_divide(relevance: Tensor, z: Sequence[Tensor], coefficients: Sequence[float] | None = None,
@@ -135,7 +141,7 @@ def stabilize_divide(relevance: Tensor, z: Sequence[Tensor], coefficients: Seque
 
 # ---------------------------------------------------------------- combine
 
-@torch.library.custom_op("fastlrp::combine", mutates_args=())
+@torch.library.custom_op("fastlrp::combine", mutates_args=(), tags=_EXACT_STRIDES)
 def _combine(x: Tensor, g: Tensor, modifiers: list[int], bounds: list[Tensor]) -> Tensor:
     channels = x.shape[1]
     chunks = [g.narrow(1, k * channels, channels) for k in range(len(modifiers))]
@@ -161,7 +167,7 @@ def _combine(x: Tensor, g: Tensor, modifiers: list[int], bounds: list[Tensor]) -
 
 @_combine.register_fake
 def _(x, g, modifiers, bounds):
-    return torch.empty_like(x)
+    return _new_output(x.shape, x)
 
 
 def combine(x: Tensor, g: Tensor, modifiers: Sequence[int], bounds: Sequence[Tensor] = ()) -> Tensor:
@@ -222,7 +228,7 @@ def _window_tables(in_sizes: tuple, out_sizes: tuple, kernel: tuple, stride: tup
     return index.to(device), scale.to(device)
 
 
-@torch.library.custom_op("fastlrp::pool_relevance", mutates_args=())
+@torch.library.custom_op("fastlrp::pool_relevance", mutates_args=(), tags=_EXACT_STRIDES)
 def _pool_relevance(x: Tensor, relevance: Tensor, y: Optional[Tensor], window_sum: bool, index_table: Tensor,
                     scale_table: Tensor, scale_all: float, epsilon: float) -> Tensor:
     out = _new_output(x.shape, x)
@@ -238,7 +244,7 @@ def _pool_relevance(x: Tensor, relevance: Tensor, y: Optional[Tensor], window_su
 
 @_pool_relevance.register_fake
 def _(x, relevance, y, window_sum, index_table, scale_table, scale_all, epsilon):
-    return torch.empty_like(x)
+    return _new_output(x.shape, x)
 
 
 def _as_5d(t: Tensor) -> Tensor:
@@ -315,7 +321,7 @@ def _pool_reference(x, relevance, kind, kernel_size, stride, padding, ceil_mode,
 
 # ---------------------------------------------------------------- n-ary sum
 
-@torch.library.custom_op("fastlrp::sum_relevance", mutates_args=())
+@torch.library.custom_op("fastlrp::sum_relevance", mutates_args=(), tags=_EXACT_STRIDES)
 def _sum_relevance(inputs: list[Tensor], alpha: list[float], y: Tensor, relevance: Tensor,
                    epsilon: float) -> list[Tensor]:
     outs = [_new_output(relevance.shape, relevance) for _ in inputs]
@@ -334,7 +340,7 @@ def _sum_relevance(inputs: list[Tensor], alpha: list[float], y: Tensor, relevanc
 
 @_sum_relevance.register_fake
 def _(inputs, alpha, y, relevance, epsilon):
-    return [torch.empty_like(relevance) for _ in inputs]
+    return [_new_output(relevance.shape, relevance) for _ in inputs]
 
 
 def sum_relevance(inputs: Sequence[Tensor], relevance: Tensor, y: Tensor, alpha: Sequence[float] | None = None,
