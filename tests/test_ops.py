@@ -194,8 +194,9 @@ def test_bad_arguments_are_clear_errors():
         ops.combine(x, torch.randn(2, 5, 4), [0, 1])
     with pytest.raises(ValueError, match="1 bound tensors needed"):
         ops.combine(x, torch.randn(2, 3, 4), [4])
-    with pytest.raises(ValueError, match="cannot be flattened"):
-        ops.combine(torch.randn(2, 3, 4, 5).transpose(2, 3), torch.randn(2, 3, 5, 4), [0])
+    # a layout the kernels cannot read in place is copied, not refused (issue 16, D1)
+    xt, g = torch.randn(2, 3, 4, 5).transpose(2, 3), torch.randn(2, 3, 5, 4)
+    torch.testing.assert_close(ops.combine(xt, g, [0]), ops.combine(xt.contiguous(), g, [0]))
     with pytest.raises(ValueError, match="kind must be"):
         ops.pool_relevance(x, x, "median", 2)
     with pytest.raises(ValueError, match="needs y"):

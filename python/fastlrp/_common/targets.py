@@ -36,7 +36,7 @@ def starting_relevance(output: torch.Tensor, target, start: str = "logit") -> to
         if index.shape != (output.shape[0],):
             raise ValueError(f"target indices must be an int or have shape [{output.shape[0]}] (one per sample), "
                              f"got shape {tuple(index.shape)}")
-        if (index < 0).any() or (index >= output.shape[1]).any():
+        if output.device.type != "meta" and ((index < 0).any() or (index >= output.shape[1]).any()):
             raise ValueError(f"target index out of range for {output.shape[1]} classes: {index.tolist()}")
         shape = (output.shape[0], 1) + (1,) * (output.ndim - 2)
         weights = torch.zeros_like(output).scatter_(1, index.reshape(shape).expand(

@@ -43,11 +43,11 @@ class BlockRule:
         blocks = {(p.group, p.input): p for p in form.parts}
         if len(blocks) != len(form.parts):
             raise ValueError("a form has two parts for one (group, input); merge them (linear_form.merge_parts)")
-        zero = torch.zeros_like(weight)
+        zero = torch.zeros_like(weight) if len(form.parts) < len(form.groups) * len(self.modifiers) else None
         # Linear/conv weights are (out, in, ...): groups stack along dim 0, modifiers along dim 1.
-        rows = [torch.cat([blocks[(g, m)].weight.apply(weight) if (g, m) in blocks else zero
-                           for m in self.modifiers], dim=1) for g in range(len(form.groups))]
-        self.weight = torch.cat(rows, dim=0).contiguous()
+        rows = [_cat([blocks[(g, m)].weight.apply(weight) if (g, m) in blocks else zero
+                      for m in self.modifiers], dim=1) for g in range(len(form.groups))]
+        self.weight = _cat(rows, dim=0).contiguous()  # Epsilon: the layer's own weight, no copy
         self.sample_modifiers = [m for m in self.modifiers if m not in _SAMPLE_FREE]
         self.free_modifiers = [m for m in self.modifiers if m in _SAMPLE_FREE]
         c_in = weight.shape[1]
@@ -66,6 +66,8 @@ class BlockRule:
     def _columns(self, modifiers, c_in):
         if not modifiers:
             return None
+        if modifiers == self.modifiers:
+            return self.weight  # every column: the block itself, not a copy
         cols = [self.weight.narrow(1, self.modifiers.index(m) * c_in, c_in) for m in modifiers]
         return torch.cat(cols, dim=1).contiguous()
 
@@ -116,6 +118,10 @@ class BlockRule:
         g = transposed(self.op, s, self.weight, (x.shape[0], x.shape[1] * len(self.modifiers)) + tuple(x.shape[2:]))
         bounds = [broadcast_bound(self.form.bounds[m], x, m) for m in self.modifiers if m in ("low", "high")]
         return ops.combine(x, g, [_CODES[m] for m in self.modifiers], bounds)
+
+
+def _cat(tensors: list, dim: int) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
 class BlockFunction(torch.autograd.Function):

@@ -149,8 +149,11 @@ class ParameterWatch:
                 by_device.setdefault(t.device, []).append((i, j, t))
         values = [[None] * len(group) for group in groups]
         with torch.no_grad():
-            for entries in by_device.values():
-                prints = torch.stack([fingerprint(t) for _, _, t in entries]).tolist()
+            for device, entries in by_device.items():
+                if device.type == "meta":  # no values to read: identity and version only
+                    prints = [None] * len(entries)
+                else:
+                    prints = torch.stack([fingerprint(t) for _, _, t in entries]).tolist()
                 for (i, j, t), fp in zip(entries, prints):
                     values[i][j] = (id(t), t.data_ptr(), t._version, t.dtype, tuple(t.shape), fp)
         return values

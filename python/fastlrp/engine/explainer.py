@@ -62,6 +62,8 @@ class LRP:
         PyTorch); default from ``FASTLRP_BACKEND``, else the fastest available. The chosen one is
         ``explainer.backend``. Under ``native``, a layer whose device, dtype or form has no kernel
         (float16 on the CPU, grouped or transposed convolutions) runs the reference rule.
+    nonfinite: what to do when input samples hold NaN or Inf (their relevance cannot be finite):
+        ``"warn"`` (default) names the samples in a warning, ``"raise"`` raises a ValueError.
     save_memory: under the native backend, keep only each linear layer's input for the relevance
         pass and recompute its z parts there: peak memory close to the plain gradient's, for one
         more forward convolution per layer (see docs/native.md, "Memory"). The relevance is the same.
@@ -72,13 +74,16 @@ class LRP:
     def __init__(self, model: nn.Module, composite="epsilon_plus", *, start: str = "logit",
                  maxpool: str = "winner", fold_batchnorm: bool = True, functional_rules: bool = True,
                  passthrough: Sequence = (), backend: str | None = None, save_memory: bool = False,
-                 **rule_options):
+                 nonfinite: str = "warn", **rule_options):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if start not in ("logit", "one"):
             raise ValueError(f"start must be 'logit' or 'one', got {start!r}")
         if maxpool not in ("winner", "proportional"):
             raise ValueError(f"maxpool must be 'winner' or 'proportional', got {maxpool!r}")
+        if nonfinite not in ("warn", "raise"):
+            raise ValueError(f"nonfinite must be 'warn' or 'raise', got {nonfinite!r}")
+        self.nonfinite = nonfinite
         self.composite = _composites.get(composite, **rule_options)
         self.start = start
         self.backend = _backends.choose(backend)
@@ -106,13 +111,15 @@ class LRP:
         return self.explain(x, target).relevance
 
     def explain(self, x: torch.Tensor, target=None, layers: Sequence[str] = ()) -> Explanation:
-        """Relevance of ``x`` for ``target``, with the output and optional per-layer relevance.
+        """Relevance of ``x`` for ``target``, with the output, the relevance and activation at each
+        layer named in ``layers``, and the backend that ran each layer (``Explanation.backends``).
 
         ``target``: a class index (int), one index per sample (LongTensor of shape [N]), a
         weight tensor broadcastable to the output (e.g. one-hot [N, C]), a callable mapping
         the output to the starting relevance, or None for each sample's predicted class.
         """
         self._check_input(x)
+        self._check_finite(x)
         message = training_warning(self.model)
         if message:
             warnings.warn(message, stacklevel=2)
@@ -139,6 +146,18 @@ class LRP:
             return  # the layers fold and derive their weights inside the compiled graph
         for i in self._watch.changed():
             self._affine[i].invalidate()
+
+    def _check_finite(self, x):
+        if x.device.type == "meta" or x.numel() == 0:
+            return
+        bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(1) if x.ndim else ~torch.isfinite(x).reshape(1)
+        if bool(bad.any()):
+            samples = bad.nonzero().flatten().tolist()
+            message = (f"input samples {samples[:10]}{' ...' if len(samples) > 10 else ''} contain NaN or Inf; "
+                       "their relevance is not finite (clean the input, or pass nonfinite='raise' to stop here)")
+            if self.nonfinite == "raise":
+                raise ValueError(message)
+            warnings.warn(message, stacklevel=3)
 
     def _check_input(self, x):
         if not isinstance(x, torch.Tensor):

@@ -23,6 +23,8 @@ from .._common.model_view import eval_view
 from ..composites import Composite
 from ..rules import DeconvNet, Gradient, GuidedBackprop, LinearRule, Norm, Pass, Proportional, Rule
 from .call import TRACE_LOCK
+from .op_tables import (ACTIVATIONS, ADD, EVAL_IDENTITIES, GATE_FUNCTIONS, GATE_MODULES, MEAN, MUL, POOLS,
+                        SIGN_KEEPING, STRUCTURAL, SUM)
 from .relevance_layers import (AffineLayer, ElementwiseLayer, GatedProductLayer, GradientLayer, MaxPoolLayer,
                                NormLayer, batchnorm_forward, eval_forward)
 
@@ -58,40 +60,6 @@ def trace(view: nn.Module, extra_leaves: tuple = ()) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, class_name=f"LRP{type(view).__name__}")
 
 
-# Functional ops, by target, mapped to the module type composites know them by.
-_ADD = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__iadd__"}
-_MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
-_MEAN = {torch.mean, "mean"}
-_SUM = {torch.sum, "sum"}
-_ACTIVATIONS = {
-    F.relu: nn.ReLU, torch.relu: nn.ReLU, "relu": nn.ReLU, "relu_": nn.ReLU, F.relu_: nn.ReLU,
-    F.relu6: nn.ReLU6, F.leaky_relu: nn.LeakyReLU, F.elu: nn.ELU, F.gelu: nn.GELU, F.silu: nn.SiLU,
-    torch.sigmoid: nn.Sigmoid, "sigmoid": nn.Sigmoid, F.sigmoid: nn.Sigmoid, torch.tanh: nn.Tanh,
-    "tanh": nn.Tanh, F.tanh: nn.Tanh, F.hardswish: nn.Hardswish, F.hardsigmoid: nn.Hardsigmoid,
-    F.softplus: nn.Softplus, F.hardtanh: nn.Hardtanh, F.mish: nn.Mish,
-}
-_POOLS = {
-    F.avg_pool1d: nn.AvgPool1d, F.avg_pool2d: nn.AvgPool2d, F.avg_pool3d: nn.AvgPool3d,
-    F.adaptive_avg_pool1d: nn.AdaptiveAvgPool1d, F.adaptive_avg_pool2d: nn.AdaptiveAvgPool2d,
-    F.adaptive_avg_pool3d: nn.AdaptiveAvgPool3d,
-    F.max_pool1d: nn.MaxPool1d, F.max_pool2d: nn.MaxPool2d, F.max_pool3d: nn.MaxPool3d,
-    F.adaptive_max_pool1d: nn.AdaptiveMaxPool1d, F.adaptive_max_pool2d: nn.AdaptiveMaxPool2d,
-    F.adaptive_max_pool3d: nn.AdaptiveMaxPool3d,
-}
-# Ops whose gradient is already the right relevance flow: reshapes, copies, splits, joins,
-# eval-mode dropout, nearest/bilinear resampling, and reads of shapes.
-_STRUCTURAL = {
-    operator.getitem, getattr, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
-    torch.unsqueeze, torch.cat, torch.concat, torch.stack, torch.chunk, torch.split, torch.narrow,
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.interpolate, F.pad, torch._assert, operator.floordiv,
-    "size", "dim", "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-    "chunk", "split", "expand", "expand_as", "clone", "to", "type_as", "float", "double", "half", "bfloat16",
-    "view_as", "reshape_as", "narrow", "unbind", "movedim", "swapaxes", "__getitem__",
-}
-
-
-# Functions (wrapped for fx by torchvision) that are the identity in eval mode.
-_EVAL_IDENTITIES = {"stochastic_depth"}
 
 
 @dataclass
@@ -145,7 +113,7 @@ def _bind_functional(node: fx.Node):
 
 def _pool_module(node: fx.Node) -> nn.Module:
     """The nn pooling module equivalent to a functional pooling call."""
-    cls = _POOLS[node.target]
+    cls = POOLS[node.target]
     fn_params = list(inspect.signature(cls.__init__).parameters)[1:]
     bound = dict(zip(_functional_param_names(node.target), node.args[1:]))
     bound.update(node.kwargs)
@@ -289,16 +257,14 @@ def _pooling_spec(module: nn.Module):
     return None
 
 
-_GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
-_GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, "sigmoid"}
 
 
 def _mark_gates(gm: fx.GraphModule) -> None:
     """Mark sigmoid outputs: multiplied with another tensor they are a gate (squeeze-and-excitation),
     which tells gate from value even where both have the same shape (a 1x1 feature map)."""
     for node in gm.graph.nodes:
-        if (node.op == "call_module" and isinstance(gm.get_submodule(node.target), _GATE_MODULES)) or \
-                (node.op in ("call_function", "call_method") and node.target in _GATE_FUNCTIONS):
+        if (node.op == "call_module" and isinstance(gm.get_submodule(node.target), GATE_MODULES)) or \
+                (node.op in ("call_function", "call_method") and node.target in GATE_FUNCTIONS):
             node.meta["fastlrp_gate"] = True
 
 
@@ -331,7 +297,7 @@ def _functional_layer(node, site, resolve, options, passthrough_names):
     name = _target_name(target)
     if site in passthrough_names or name in passthrough_names:
         return None
-    if target in _ADD:
+    if target in ADD:
         if len(tensor_args) < 2:
             return None  # adding a constant: the gradient passes relevance unchanged
         alpha = node.kwargs.get("alpha", 1.0)
@@ -343,45 +309,42 @@ def _functional_layer(node, site, resolve, options, passthrough_names):
         if isinstance(rule, Norm):
             return NormLayer(site, rule, fn, ("sum", alphas) if alpha >= 0 else None)
         return GradientLayer(site, fn, preserves_sign=alpha >= 0)
-    if target in _MUL:
+    if target in MUL:
         if len(tensor_args) < 2:
             return None  # scaling by a constant keeps its gradient
         gates = [i for i, a in enumerate(tensor_args) if a.meta.get("fastlrp_gate")]
         return GatedProductLayer(site, Pass(), gates[0] if len(gates) == 1 else None)
-    if not options.functional_rules and (target in _ACTIVATIONS or target in _POOLS
-                                         or target in _MEAN or target in _SUM):
-        nonnegative = target in _ACTIVATIONS and issubclass(_ACTIVATIONS[target], layers.NonNegative)
+    if not options.functional_rules and (target in ACTIVATIONS or target in POOLS
+                                         or target in MEAN or target in SUM):
+        nonnegative = target in ACTIVATIONS and issubclass(ACTIVATIONS[target], layers.NonNegative)
         # as Zennit's hooks, which see only modules
-        return GradientLayer(site, _bind_functional(node), preserves_sign=target not in _ACTIVATIONS,
+        return GradientLayer(site, _bind_functional(node), preserves_sign=target not in ACTIVATIONS,
                              nonnegative_output=nonnegative)
-    if target in _ACTIVATIONS:
-        template = _ACTIVATIONS[target]()
+    if target in ACTIVATIONS:
+        template = ACTIVATIONS[target]()
         rule = resolve(site, template)
         _check_rule(site, f"{name}()", rule, (Pass, Gradient) + ((GuidedBackprop, DeconvNet)
                                                                   if isinstance(template, nn.ReLU) else ()))
         return ElementwiseLayer(site, rule, _bind_functional(node), isinstance(template, layers.NonNegative))
-    if target in _POOLS:
+    if target in POOLS:
         template = _pool_module(node)
         if isinstance(template, layers.MaxPool):
             return _maxpool_layer(site, f"{name}()", template, resolve, options)
         rule = resolve(site, template)
         _check_rule(site, f"{name}()", rule, (Norm, Gradient))
         return _norm_or_gradient(site, rule, _bind_functional(node), _pooling_spec(template))
-    if target in _MEAN or target in _SUM:
+    if target in MEAN or target in SUM:
         template = layers.Mean(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
         rule = resolve(site, template)
         _check_rule(site, f"{name}()", rule, (Norm, Gradient))
         return _norm_or_gradient(site, rule, _bind_functional(node))
-    if target in _STRUCTURAL or name in _EVAL_IDENTITIES:
+    if target in STRUCTURAL or name in EVAL_IDENTITIES:
         return None
     raise UnsupportedLayerError(
         f"{site}: the operation {name}() has no LRP rule in fastlrp. "
         f"Pass passthrough=['{name}'] to let relevance through it by the plain gradient.")
 
 
-# Plain graph nodes (not replaced by a layer) that keep a non-negative input non-negative.
-# (Padding may fill with a negative value and bicubic resampling overshoots: left out.)
-_SIGN_KEEPING = _STRUCTURAL - {getattr, "size", "dim", operator.floordiv, torch._assert, F.pad, F.interpolate}
 
 
 def _mark_nonnegative_inputs(gm: fx.GraphModule) -> None:
@@ -398,7 +361,7 @@ def _mark_nonnegative_inputs(gm: fx.GraphModule) -> None:
             if isinstance(layer, AffineLayer):
                 layer.nonnegative_input = bool(inputs) and nonnegative.get(inputs[0], False)
         elif node.op in ("call_function", "call_method"):
-            nonnegative[node] = (node.target in _SIGN_KEEPING and bool(inputs)
+            nonnegative[node] = (node.target in SIGN_KEEPING and bool(inputs)
                                  and all(nonnegative.get(a, False) for a in inputs))
         else:
             nonnegative[node] = False

@@ -13,25 +13,47 @@ def view(t: torch.Tensor, name: str) -> tuple:
             -1 if t.device.index is None else t.device.index, list(t.shape), list(t.stride()))
 
 
-def collapse_spatial(t: torch.Tensor, name: str) -> torch.Tensor:
-    """(N, C, *spatial) -> (N, C, S) without copying. Works for contiguous, channels-last and
-    broadcast (stride 0) tensors; anything else is an error naming the tensor."""
-    if t.ndim < 2:
-        raise ValueError(f"{name} must have a batch and a channel dimension, got shape {tuple(t.shape)}")
-    n, c, spatial = t.shape[0], t.shape[1], t.shape[2:]
-    size, base, expected = 1, None, None
+def _spatial_stride(t: torch.Tensor):
+    """The stride of the flattened spatial dims of (N, C, *spatial), or False where they cannot be
+    flattened without a copy (None: all spatial dims have size one)."""
+    base, expected = None, None
     for dim in range(t.ndim - 1, 1, -1):
-        size *= t.shape[dim]
         if t.shape[dim] == 1:
             continue  # a unit dimension's stride is arbitrary
         if base is not None and t.stride(dim) != expected:
-            raise ValueError(f"{name} has a memory layout whose spatial dimensions cannot be flattened "
-                             f"(shape {tuple(t.shape)}, strides {t.stride()}); pass a contiguous or "
-                             "channels-last tensor")
+            return False
         if base is None:
             base = t.stride(dim)
         expected = t.stride(dim) * t.shape[dim]
-    return t.as_strided((n, c, size), (t.stride(0), t.stride(1), 1 if base is None else base))
+    return base
+
+
+def flattenable(t: torch.Tensor) -> bool:
+    """Whether the kernels can read ``t`` in place: contiguous, channels-last, broadcast (stride 0) and
+    other layouts whose spatial dims flatten to one strided dim."""
+    return t.ndim >= 2 and _spatial_stride(t) is not False
+
+
+def readable(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself where the kernels can read it in place, else a contiguous copy (a transposed or
+    sliced input, a bound broadcast over some spatial dims only)."""
+    return t if flattenable(t) else t.contiguous()
+
+
+def collapse_spatial(t: torch.Tensor, name: str) -> torch.Tensor:
+    """(N, C, *spatial) -> (N, C, S) without copying, for a ``flattenable`` tensor; anything else is an
+    error naming the tensor (the public ops pass ``readable`` tensors)."""
+    if t.ndim < 2:
+        raise ValueError(f"{name} must have a batch and a channel dimension, got shape {tuple(t.shape)}")
+    base = _spatial_stride(t)
+    if base is False:
+        raise ValueError(f"{name} has a memory layout whose spatial dimensions cannot be flattened "
+                         f"(shape {tuple(t.shape)}, strides {t.stride()}); pass a contiguous or "
+                         "channels-last tensor")
+    size = 1
+    for n in t.shape[2:]:
+        size *= n
+    return t.as_strided((t.shape[0], t.shape[1], size), (t.stride(0), t.stride(1), 1 if base is None else base))
 
 
 def stream_of(t: torch.Tensor) -> int:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .._native import _C
 from ..reference.stabilize import stabilize
-from ._views import collapse_spatial, stream_of, view
+from ._views import collapse_spatial, readable, stream_of, view
 
 MASK_NONE, MASK_POSITIVE, MASK_NEGATIVE = 0, 1, 2
 
@@ -136,7 +136,8 @@ def stabilize_divide(relevance: Tensor, z: Sequence[Tensor], coefficients: Seque
         _check_like(relevance, "relevance", y, "y", op)
     if relevance.ndim < 2:
         raise ValueError(f"fastlrp.ops.{op}: relevance must be (N, C, ...), got shape {tuple(relevance.shape)}")
-    return _stabilize_divide(relevance, z, y, coefficients, masks, float(epsilon))
+    return _stabilize_divide(readable(relevance), [readable(t) for t in z], None if y is None else readable(y),
+                             coefficients, masks, float(epsilon))
 
 
 # ---------------------------------------------------------------- combine
@@ -177,6 +178,8 @@ def combine(x: Tensor, g: Tensor, modifiers: Sequence[int], bounds: Sequence[Ten
     """
     op = "combine"
     _check_float(x, "x", op)
+    if x.ndim < 2:
+        raise ValueError(f"fastlrp.ops.{op}: x must be (N, C, ...), got shape {tuple(x.shape)}")
     modifiers = [int(m) for m in modifiers]
     if not modifiers or any(m not in (IDENTITY, POSITIVE, NEGATIVE, ONE, TENSOR) for m in modifiers):
         raise ValueError(f"fastlrp.ops.{op}: modifiers must be a non-empty list of 0..4, got {modifiers}")
@@ -196,7 +199,7 @@ def combine(x: Tensor, g: Tensor, modifiers: Sequence[int], bounds: Sequence[Ten
         except RuntimeError:
             raise ValueError(f"fastlrp.ops.{op}: bounds[{k}] of shape {tuple(b.shape)} does not broadcast to "
                              f"x's shape {tuple(x.shape)}") from None
-    return _combine(x, g, modifiers, expanded)
+    return _combine(readable(x), readable(g), modifiers, [readable(b) for b in expanded])
 
 
 # ---------------------------------------------------------------- pooling
@@ -205,26 +208,32 @@ def combine(x: Tensor, g: Tensor, modifiers: Sequence[int], bounds: Sequence[Ten
 def _window_tables(in_sizes: tuple, out_sizes: tuple, kernel: tuple, stride: tuple, padding: tuple,
                    adaptive: bool, count_include_pad: bool, device: str):
     """Per spatial dim: the input range of each window, the window range of each input and
-    the divisor factor of each window, as the tensors the kernel reads."""
+    the divisor factor of each window, as the tensors the kernel reads. Vectorized: window
+    starts and ends never decrease, so the windows covering input i are those with
+    end > i and start <= i, found by binary search."""
     longest = max(max(in_sizes), max(out_sizes))
     index = torch.zeros(3, 4, longest, dtype=torch.int64)
     scale = torch.ones(3, longest, dtype=torch.float64)
     for d in range(3):
         n_in, n_out = in_sizes[d], out_sizes[d]
-        for o in range(n_out):
-            if adaptive:
-                lo, hi = (o * n_in) // n_out, -((-(o + 1) * n_in) // n_out)
-                padded = hi - lo
-            else:
-                lo = o * stride[d] - padding[d]
-                hi = lo + kernel[d]
-                padded = min(hi, n_in + padding[d]) - lo
-                lo, hi = max(lo, 0), min(hi, n_in)
-            index[d, 0, o], index[d, 1, o] = lo, hi
-            scale[d, o] = 1.0 / (padded if count_include_pad else max(hi - lo, 1))
-        for i in range(n_in):
-            covering = [o for o in range(n_out) if index[d, 0, o] <= i < index[d, 1, o]]
-            index[d, 2, i], index[d, 3, i] = (covering[0], covering[-1] + 1) if covering else (0, 0)
+        o = torch.arange(n_out, dtype=torch.int64)
+        if adaptive:
+            lo, hi = (o * n_in) // n_out, -((-(o + 1) * n_in) // n_out)
+            padded = hi - lo
+        else:
+            lo = o * stride[d] - padding[d]
+            hi = lo + kernel[d]
+            padded = hi.clamp(max=n_in + padding[d]) - lo
+            lo, hi = lo.clamp(min=0), hi.clamp(max=n_in)
+        index[d, 0, :n_out], index[d, 1, :n_out] = lo, hi
+        divisor = padded if count_include_pad else (hi - lo).clamp(min=1)
+        scale[d, :n_out] = 1.0 / divisor.to(torch.float64)
+        i = torch.arange(n_in, dtype=torch.int64)
+        first = torch.searchsorted(hi, i, right=True)  # windows ending at or before i do not cover it
+        last = torch.searchsorted(lo, i, right=True)   # windows starting after i do not cover it
+        empty = first >= last
+        index[d, 2, :n_in] = first.masked_fill(empty, 0)
+        index[d, 3, :n_in] = last.masked_fill(empty, 0)
     return index.to(device), scale.to(device)
 
 
@@ -285,6 +294,7 @@ def pool_relevance(x: Tensor, relevance: Tensor, kind: str, kernel_size=None, st
         kernel = _triple(kernel_size, dims, "kernel_size")
         stride_ = _triple(kernel_size if stride is None or stride == [] else stride, dims, "stride")
         pad = _triple(padding, dims, "padding", fill=0)
+        _check_window(op, x, relevance, kernel[3 - dims:], stride_[3 - dims:], pad[3 - dims:], ceil_mode)
     in_sizes = (1,) * (3 - dims) + tuple(x.shape[2:])
     out_sizes = (1,) * (3 - dims) + tuple(relevance.shape[2:])
     if not native_supports(x.device, x.dtype):
@@ -299,7 +309,32 @@ def pool_relevance(x: Tensor, relevance: Tensor, kind: str, kernel_size=None, st
         scale_all = 1.0
         if divisor_override:
             scale, scale_all = torch.ones_like(scale), 1.0 / divisor_override
-    return _pool_relevance(x, relevance, y, kind == "max_proportional", index, scale, scale_all, float(epsilon))
+    return _pool_relevance(readable(x), readable(relevance), None if y is None else readable(y),
+                           kind == "max_proportional", index, scale, scale_all, float(epsilon))
+
+
+def _pooled_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """Output length of a pooling window sweep, as torch computes it."""
+    span = size + 2 * padding - kernel
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1  # the last window must start inside the input or its left padding
+    return out
+
+
+def _check_window(op, x, relevance, kernel, stride, padding, ceil_mode):
+    """Kernel and stride of at least 1, padding at most half the kernel (torch's own limits), and a
+    relevance of exactly the pooled output's size."""
+    if any(k < 1 for k in kernel) or any(s < 1 for s in stride):
+        raise ValueError(f"fastlrp.ops.{op}: kernel_size and stride must be >= 1, got {kernel} and {stride}")
+    if any(2 * p > k for p, k in zip(padding, kernel)):
+        raise ValueError(f"fastlrp.ops.{op}: padding {padding} must be at most half of kernel_size {kernel}")
+    expected = tuple(_pooled_size(n, k, s, p, ceil_mode)
+                     for n, k, s, p in zip(x.shape[2:], kernel, stride, padding))
+    if tuple(relevance.shape[2:]) != expected:
+        raise ValueError(f"fastlrp.ops.{op}: relevance has spatial size {tuple(relevance.shape[2:])} but pooling "
+                         f"{tuple(x.shape[2:])} with kernel {kernel}, stride {stride}, padding {padding} "
+                         f"(ceil_mode={ceil_mode}) gives {expected}")
 
 
 def _pool_reference(x, relevance, kind, kernel_size, stride, padding, ceil_mode, count_include_pad,
@@ -359,4 +394,4 @@ def sum_relevance(inputs: Sequence[Tensor], relevance: Tensor, y: Tensor, alpha:
         raise ValueError(f"fastlrp.ops.{op}: alpha needs one entry per input ({len(inputs)})")
     if relevance.ndim < 2:
         raise ValueError(f"fastlrp.ops.{op}: relevance must be (N, C, ...), got shape {tuple(relevance.shape)}")
-    return _sum_relevance(inputs, alpha, y, relevance, float(epsilon))
+    return _sum_relevance([readable(t) for t in inputs], alpha, readable(y), readable(relevance), float(epsilon))

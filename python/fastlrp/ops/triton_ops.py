@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from ..reference.stabilize import stabilize
 from .lrp_ops import check_pool_shapes
+from .triton_fallback import forward_torch, pool_torch, relevance_torch, sum_torch
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -105,82 +105,6 @@ def _out_size(size, kernel, stride, padding, dilation):
 
 # ---------------------------------------------------------------- linear layers
 
-def _conv(x, weight, stride, padding, dilation, groups):
-    dims = x.ndim - 2
-    if dims == 0:
-        return torch.nn.functional.linear(x, weight)
-    conv = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}[dims]
-    return conv(x, weight, None, stride, padding, dilation, groups)
-
-
-def _conv_t(s, weight, input_shape, stride, padding, dilation, groups):
-    if s.ndim == 2:
-        return s.matmul(weight)
-    dummy = s.new_empty(1).expand(input_shape)  # convolution_backward reads only its shape
-    return torch.ops.aten.convolution_backward(s, dummy, weight, None, list(stride), list(padding),
-                                               list(dilation), False, [0] * (s.ndim - 2), groups,
-                                               [True, False, False])[0]
-
-
-def _bound_weight(weight, modifiers):
-    a, b, c, d = modifiers
-    return a * weight.clamp(min=0) + b * weight.clamp(max=0) + c * weight * weight + d * torch.ones_like(weight)
-
-
-def _split_products(x, weight, fn, need):
-    """The five products the kernels form from tiles, here as whole tensors (the torch path)."""
-    xp, xn, wp, wn = x.clamp(min=0), x.clamp(max=0), weight.clamp(min=0), weight.clamp(max=0)
-    pairs = [(x, weight), (xp, wp), (xp, wn), (xn, wp), (xn, wn)]
-    return [fn(a, w) if n else None for (a, w), n in zip(pairs, need)]
-
-
-def _forward_torch(x, weight, bias, z_bias, bound0, bound1, coefficients, bound_modifiers, groups_z,
-                   stride, padding, dilation, groups):
-    conv = lambda a, w: _conv(a, w, stride, padding, dilation, groups)  # noqa: E731
-    need = [any(coefficients[g * 5 + p] != 0 for g in range(2)) for p in range(5)]
-    products = _split_products(x, weight, conv, need)
-    y = conv(x, weight) if products[0] is None else products[0]
-    bshape = (1, -1) + (1,) * (x.ndim - 2)
-    zs = []
-    for g in range(groups_z):
-        z = sum(coefficients[g * 5 + p] * products[p] for p in range(5) if products[p] is not None)
-        z = torch.zeros_like(y) + z
-        if g == 0:
-            for b, m in ((bound0, bound_modifiers[:4]), (bound1, bound_modifiers[4:])):
-                if b is not None:
-                    z = z + conv(b, _bound_weight(weight, m))
-        if z_bias is not None:
-            z = z + z_bias[g * y.shape[1]:(g + 1) * y.shape[1]].reshape(bshape)
-        zs.append(z)
-    if bias is not None:
-        y = y + bias.reshape(bshape)
-    return y, torch.cat(zs, dim=1)
-
-
-def _relevance_torch(x, weight, relevance, z, y, bound0, bound1, coefficients, bound_modifiers,
-                     group_coefficients, group_masks, epsilon, stride, padding, dilation, groups):
-    c_out = relevance.shape[1]
-    shares = []
-    for g, (c, mask) in enumerate(zip(group_coefficients, group_masks)):
-        s = c * relevance / stabilize(z.narrow(1, g * c_out, c_out), epsilon)
-        if mask == 1:
-            s = s * (y > 0).to(s.dtype)
-        elif mask == 2:
-            s = s * (y < 0).to(s.dtype)
-        shares.append(s)
-    conv_t = lambda s, w: _conv_t(s, w, x.shape, stride, padding, dilation, groups)  # noqa: E731
-    xp, xn, wp, wn = x.clamp(min=0), x.clamp(max=0), weight.clamp(min=0), weight.clamp(max=0)
-    total = torch.zeros_like(x)
-    for p, (inp, w) in enumerate([(x, weight), (xp, wp), (xp, wn), (xn, wp), (xn, wn)]):
-        cs = [coefficients[g * 5 + p] for g in range(len(shares))]
-        if any(cs):
-            total = total + inp * conv_t(sum(c * s for c, s in zip(cs, shares)), w)
-    for b, m in ((bound0, bound_modifiers[:4]), (bound1, bound_modifiers[4:])):
-        if b is not None:
-            total = total + b * conv_t(shares[0], _bound_weight(weight, m))
-    return total
-
-
 def _forward_outputs(x, weight, groups_z, write_z, stride, padding, dilation):
     spatial = [_out_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
                for i in range(x.ndim - 2)]
@@ -197,7 +121,7 @@ def _affine_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], z_bias: O
                     stride: list[int], padding: list[int], dilation: list[int], groups: int) -> tuple[Tensor, Tensor]:
     y, z = _forward_outputs(x, weight, groups_z, write_z, stride, padding, dilation)
     if not triton_supports(x.device, x.dtype):
-        y_ref, z_ref = _forward_torch(x, weight, bias, z_bias, bound0, bound1, coefficients, bound_modifiers,
+        y_ref, z_ref = forward_torch(x, weight, bias, z_bias, bound0, bound1, coefficients, bound_modifiers,
                                       groups_z, stride, padding, dilation, groups)
         y.copy_(y_ref)
         if write_z:
@@ -218,7 +142,7 @@ def _affine_relevance(x: Tensor, weight: Tensor, relevance: Tensor, z: Tensor, y
                       padding: list[int], dilation: list[int], groups: int) -> Tensor:
     out = _like_layout(x.shape, x)
     if not triton_supports(x.device, x.dtype):
-        out.copy_(_relevance_torch(x, weight, relevance, z, y, bound0, bound1, coefficients, bound_modifiers,
+        out.copy_(relevance_torch(x, weight, relevance, z, y, bound0, bound1, coefficients, bound_modifiers,
                                    group_coefficients, group_masks, epsilon, stride, padding, dilation, groups))
         return out
     _KERNELS[0].launch_relevance(
@@ -345,33 +269,13 @@ def affine_relevance(x: Tensor, weight: Tensor, relevance: Tensor, z: Tensor, y:
 
 # ---------------------------------------------------------------- pooling and sums
 
-def _pool_torch(x, relevance, y, mode, kernel, stride, padding, adaptive, count_include_pad, divisor_override,
-                epsilon):
-    from ..reference import maxpool_proportional, norm
-    dims = x.ndim - 2
-    F = torch.nn.functional
-    if mode == 1:
-        return maxpool_proportional(x, relevance, kernel, stride, padding, False, epsilon)
-    if adaptive:
-        pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[dims]
-        return norm(lambda t: pool(t, tuple(relevance.shape[2:])), [x], relevance, epsilon)[0]
-    # the output size is given by relevance, so ceil_mode is implied: pool with it and crop
-    pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[dims]
-    extra = {} if dims == 1 else {"divisor_override": divisor_override or None}
-
-    def fn(t):
-        out = pool(t, kernel, stride, padding, True, count_include_pad, **extra)
-        return out[(slice(None), slice(None)) + tuple(slice(0, s) for s in relevance.shape[2:])]
-    return norm(fn, [x], relevance, epsilon)[0]
-
-
 @triton_op("fastlrp::triton_pool_relevance", mutates_args=())
 def _pool_relevance(x: Tensor, relevance: Tensor, y: Optional[Tensor], mode: int, kernel: list[int],
                     stride: list[int], padding: list[int], adaptive: bool, count_include_pad: bool,
                     divisor_override: int, epsilon: float) -> Tensor:
     out = _like_layout(x.shape, x)
     if not triton_supports(x.device, x.dtype):
-        out.copy_(_pool_torch(x, relevance, y, mode, kernel, stride, padding, adaptive, count_include_pad,
+        out.copy_(pool_torch(x, relevance, y, mode, kernel, stride, padding, adaptive, count_include_pad,
                               divisor_override, epsilon))
         return out
     share = torch.empty(relevance.shape, dtype=torch.float32, device=x.device)
@@ -436,9 +340,8 @@ def _sum_relevance(inputs: list[Tensor], alpha: list[float], y: Tensor, relevanc
                    epsilon: float) -> list[Tensor]:
     outs = [_like_layout(relevance.shape, relevance) for _ in inputs]
     if not triton_supports(relevance.device, relevance.dtype):
-        ratio = relevance / stabilize(y, epsilon)
-        for out, t, a in zip(outs, inputs, alpha):
-            out.copy_(t * (a * ratio))
+        for out, value in zip(outs, sum_torch(inputs, alpha, y, relevance, epsilon)):
+            out.copy_(value)
         return outs
     tensors = list(inputs) + [y, relevance]
     if not _dense_same_layout(tensors + outs):  # one flat index must address every tensor alike
