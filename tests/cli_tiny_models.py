@@ -43,3 +43,32 @@ def tiny_volume_cnn(num_classes=2):
 
 def not_a_model():
     return "not a module"
+
+
+def tiny_r3d(num_classes=3):
+    """RGB clips [N, 3, T, H, W] -> num_classes logits, built as r3d_18 is in miniature: a strided
+    Conv3d stem with batch norm, a residual-free second block, global pooling and a linear head."""
+    def build():
+        model = nn.Sequential(
+            nn.Conv3d(3, 4, (3, 5, 5), stride=(1, 2, 2), padding=(1, 2, 2), bias=False), nn.BatchNorm3d(4),
+            nn.ReLU(), nn.Conv3d(4, 6, 3, stride=2, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(6, num_classes))
+        with torch.no_grad():  # batch-norm statistics that are not the identity
+            model[1].running_mean.uniform_(-0.1, 0.1)
+            model[1].running_var.uniform_(0.5, 1.5)
+        return model
+    return _seeded(build)
+
+
+def tiny_groupnorm_cnn(num_classes=3):
+    """RGB images -> num_classes logits, with a GroupNorm (a layer without an LRP rule)."""
+    return _seeded(lambda: nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(4, num_classes)))
+
+
+def tiny_groupnorm_volume_cnn(num_classes=2):
+    """One-channel volumes -> num_classes logits, with a GroupNorm (no LRP rule)."""
+    return _seeded(lambda: nn.Sequential(
+        nn.Conv3d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(),
+        nn.Linear(4, num_classes)))

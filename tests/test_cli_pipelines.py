@@ -146,6 +146,107 @@ def test_explain_errors_are_one_line(tmp_path, capsys, case, fragments):
     assert_one_line_error(code, out, err, *fragments)
 
 
+def test_explain_checks_paths_and_cmap_before_building_the_model(tmp_path, capsys):
+    rgb = write_image(tmp_path / "rgb.png")
+    missing_factory = "no_such_module:make"  # would fail if it were imported: the checks come first
+    cases = [
+        ([tmp_path / "nope.png"], ["nope.png does not exist"]),
+        ([rgb, "--cmap", "nope"], ["--cmap", "unknown colour map 'nope'"]),
+        ([rgb, "--weights", tmp_path / "none.pt"], ["weights file", "does not exist", "--weights"]),
+        ([rgb, "--method", "nope"], ["unknown --method 'nope'", "gradcam"]),
+    ]
+    for args, fragments in cases:
+        code, out, err = run_cli(capsys, "explain", *args, "--model", missing_factory, "--out", tmp_path / "o")
+        assert_one_line_error(code, out, err, *fragments)
+
+
+def test_truncated_image_names_the_file(tmp_path, capsys):
+    whole = write_image(tmp_path / "whole.png", size=(24, 24)).read_bytes()
+    for cut in (20, len(whole) // 2):  # inside the header (Pillow: "Truncated File Read"), inside the pixels
+        path = tmp_path / f"cut{cut}.png"
+        path.write_bytes(whole[:cut])
+        code, out, err = run_cli(capsys, "explain", path, "--model", TINY, "--out", tmp_path / "o")
+        assert_one_line_error(code, out, err, f"cannot read image {path}", "cut short or damaged")
+
+
+def test_weights_that_are_not_a_state_dict(tmp_path, capsys):
+    rgb = write_image(tmp_path / "rgb.png")
+    text = tmp_path / "notes.txt"
+    text.write_text("these are not weights\n")
+    pickled = tmp_path / "model.pt"
+    torch.save(__import__("cli_tiny_models").tiny_cnn(), pickled)  # the whole module, not its state dict
+    for path, fragments in [(text, ["cannot read weights", "not a state dict", "model.state_dict()"]),
+                            (pickled, ["holds a pickled", "Sequential", "model.state_dict()"])]:
+        code, out, err = run_cli(capsys, "explain", rgb, "--model", TINY, "--weights", path, "--out", tmp_path / "o")
+        assert_one_line_error(code, out, err, str(path), *fragments)
+        assert "weights_only" not in err and "\x1b" not in err  # no advice to run code, no colour codes
+
+
+GROUPNORM = "cli_tiny_models:tiny_groupnorm_cnn"
+
+
+def test_layer_without_rule_names_the_command_line_fixes(tmp_path, capsys):
+    rgb = write_image(tmp_path / "rgb.png")
+    code, out, err = run_cli(capsys, "explain", rgb, "--model", GROUPNORM, "--out", tmp_path / "o")
+    assert_one_line_error(code, out, err, "GroupNorm", "--passthrough GroupNorm", "--passthrough 1", "--method")
+    assert "passthrough=" not in err
+
+
+@pytest.mark.parametrize("passthrough", ["GroupNorm", "1", "torch.nn:GroupNorm", "nope,GroupNorm"])
+def test_explain_passthrough_by_type_or_name(tmp_path, capsys, passthrough):
+    import fastlrp
+    from cli_tiny_models import tiny_groupnorm_cnn
+    from fastlrp.apps.pipelines.common import load_image
+
+    rgb = write_image(tmp_path / "rgb.png")
+    code, _, err = run_cli(capsys, "explain", rgb, "--model", GROUPNORM, "--passthrough", passthrough,
+                           "--target", "1", "--out", tmp_path / "o")
+    assert code == 0, err
+    record = json.loads((tmp_path / "o" / "predictions.json").read_text())["images"][0]
+    expected = fastlrp.LRP(tiny_groupnorm_cnn(), passthrough=[torch.nn.GroupNorm])(load_image(rgb, 3)[None], 1)
+    assert record["relevance_sum"] == pytest.approx(float(expected.sum()), rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("method, options", [
+    ("integrated_gradients", {"steps": 4}),
+    ("gradcam", {"layer": "0"}),
+    ("gradient_x_input", {}),
+])
+def test_explain_with_another_method(tmp_path, capsys, method, options):
+    import fastlrp
+    from cli_tiny_models import tiny_groupnorm_cnn
+    from fastlrp.apps.pipelines.common import load_image
+
+    rgb = write_image(tmp_path / "rgb.png")
+    args = ["--layer", options["layer"]] if "layer" in options else []
+    args += [f"--method-option={k}={v}" for k, v in options.items() if k != "layer"]
+    code, _, err = run_cli(capsys, "explain", rgb, "--model", GROUPNORM, "--method", method, *args,
+                           "--target", "0", "--out", tmp_path / "o")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "o" / "predictions.json").read_text())
+    assert summary["method"] == method
+    extra = {"upsample": True} if method == "gradcam" else {}
+    expected = fastlrp.attribute(tiny_groupnorm_cnn(), load_image(rgb, 3)[None], 0, method=method, **options,
+                                 **extra)
+    assert summary["images"][0]["relevance_sum"] == pytest.approx(float(expected.sum()), rel=1e-5, abs=1e-7)
+
+
+def test_method_option_errors(tmp_path, capsys):
+    rgb = write_image(tmp_path / "rgb.png")
+    cases = [
+        (["--method", "gradcam", "--composite", "epsilon_plus"], ["--composite applies to --method lrp only"]),
+        (["--layer", "0"], ["--layer applies to --method cam, gradcam, gradcam++"]),
+        (["--method", "gradient", "--passthrough", "GroupNorm"], ["--passthrough applies to", "drop --passthrough"]),
+        (["--method", "integrated_gradients", "--method-option", "steps"], ["KEY=VALUE"]),
+        (["--method", "integrated_gradients", "--method-option", "nope=1"], ["--method-option", "'nope'"]),
+        (["--method", "gradcam", "--layer", "nope"], ["layer='nope' is not a module"]),
+        (["--passthrough", "no_such_module:Layer"], ["--passthrough no_such_module:Layer", "cannot find class"]),
+    ]
+    for args, fragments in cases:
+        code, out, err = run_cli(capsys, "explain", rgb, "--model", GROUPNORM, *args, "--out", tmp_path / "o")
+        assert_one_line_error(code, out, err, *fragments)
+
+
 def test_convert_fixes_channel_mismatch(tmp_path, capsys):
     grey = write_image(tmp_path / "grey.png", mode="L")
     code, _, err = run_cli(capsys, "explain", grey, "--model", TINY, "--convert", "RGB", "--out", tmp_path / "o")
@@ -205,6 +306,87 @@ def test_video_round_trip(tmp_path, capsys, model, options):
     assert np.std(frames[0]) > 0
 
 
+def test_video_3d_model_with_imagenet_scaling_on_sliding_clips(tmp_path, capsys):
+    # The scaling used to be applied before the clip had its batch axis (channels met time).
+    source = write_video(tmp_path / "in.avi", frames=7, size=(32, 32))
+    out = tmp_path / "out.mp4"
+    code, printed, err = run_cli(capsys, "video", source, "--model", "cli_tiny_models:tiny_r3d", "--out", out,
+                                 "--normalize", "imagenet", "--clip-length", "4", "--clip-stride", "2",
+                                 "--batch-size", "2")
+    assert code == 0, err
+    assert len(decode(out)) == 7
+    assert "3D clips of 4 frames every 2" in printed
+
+
+def test_video_torchvision_r3d_18(tmp_path, capsys):
+    pytest.importorskip("torchvision")
+    source = write_video(tmp_path / "in.avi", frames=3, size=(16, 16))
+    out = tmp_path / "out.mp4"
+    with pytest.warns(UserWarning, match="random weights"):
+        code, printed, err = run_cli(capsys, "video", source, "--model", "r3d_18", "--num-classes", "2",
+                                     "--out", out, "--clip-length", "2", "--clip-stride", "1")
+    assert code == 0, err
+    assert len(decode(out)) == 3
+
+
+def test_clip_relevance_averages_each_frame_over_its_clips():
+    from fastlrp.apps.pipelines.video import clip_relevance
+
+    def clips_of(n, length, stride, batch):
+        runs = []
+
+        def run(x):  # each clip's relevance: its first frame's index, everywhere
+            assert x.shape[1:] == (1, length, 2, 2)
+            runs.append(x.shape[0])
+            return x[:, :, :1].expand_as(x).clone()
+
+        frames = [(torch.full((1, 4, 4), float(i)), torch.full((1, 2, 2), float(i))) for i in range(n)]
+        result = list(clip_relevance(iter(frames), run, length, stride, batch))
+        assert [float(frame[0, 0, 0]) for frame, _ in result] == list(range(n))  # every frame, in order
+        assert all(rel.shape == (1, 2, 2) for _, rel in result)
+        return [float(rel.mean()) for _, rel in result], runs
+
+    # 8 frames, clips of 3 every 2: starts 0, 2, 4, then 5 to end on the last frame
+    means, runs = clips_of(8, 3, 2, 2)
+    assert means == pytest.approx([0, 0, 1, 2, 3, 4.5, 4.5, 5])
+    assert runs == [2, 2]
+    # overlapping by two: frame i lies in the clips starting at i-2, i-1, i
+    means, _ = clips_of(5, 3, 1, 1)
+    assert means == pytest.approx([0, 0.5, 1, 1.5, 2])
+    # side by side, the last clip aligned to the end
+    means, _ = clips_of(5, 2, 2, 3)
+    assert means == pytest.approx([0, 0, 2, 2.5, 3])
+    # shorter than one clip: padded, the padding dropped
+    means, runs = clips_of(2, 4, 4, 1)
+    assert means == [0, 0] and runs == [1]
+    assert clips_of(0, 3, 1, 1)[0] == []
+    with pytest.raises(ValueError, match="--clip-stride 4 must lie between 1 and --clip-length 3"):
+        list(clip_relevance(iter([]), None, 3, 4))
+
+
+def test_video_progress_bar_counts_frames(tmp_path, monkeypatch):
+    from fastlrp.apps.pipelines import video
+
+    bars = []
+
+    class Bar:
+        def __init__(self, **options):
+            self.options, self.count = options, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.count += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(video, "progress", lambda **options: Bar(**options))
+    source = write_video(tmp_path / "in.avi", frames=5, size=(16, 16))
+    video.explain_video(source, tmp_path / "out.mp4", "cli_tiny_models:tiny_clip_cnn", clip_length=2)
+    (bar,) = bars
+    assert bar.options["unit"] == "frame" and bar.count == 5  # tqdm shows the rate as frame/s
+
+
 def test_video_errors(tmp_path, capsys):
     pytest.importorskip("av")
     (tmp_path / "junk.mp4").write_bytes(b"\x00" * 100)
@@ -216,6 +398,12 @@ def test_video_errors(tmp_path, capsys):
         ([source, "--model", "cli_tiny_models:tiny_volume_cnn", "--out", tmp_path / "o.mp4"],
          ["has 3 channels", "expects 1"]),
         ([source, "--model", TINY, "--out", tmp_path / "o.xyz"], ["end --out with one of"]),
+        ([source, "--model", "cli_tiny_models:tiny_clip_cnn", "--out", tmp_path / "o.mp4", "--clip-length", "2",
+          "--clip-stride", "3"], ["--clip-stride 3 must lie between 1 and --clip-length 2"]),
+        # checked before the model is built: the factory does not exist, yet the error is the input's
+        ([tmp_path / "none.mp4", "--model", "no_such_module:make", "--out", tmp_path / "o.mp4"], ["does not exist"]),
+        ([source, "--model", "no_such_module:make", "--out", tmp_path / "o.mp4", "--cmap", "nope"],
+         ["--cmap", "unknown colour map 'nope'"]),
     ]
     for args, fragments in cases:
         assert_one_line_error(*run_cli(capsys, "video", *args), *fragments)
@@ -265,6 +453,38 @@ def test_volume_errors(tmp_path, capsys):
     ]
     for args, fragments in cases:
         assert_one_line_error(*run_cli(capsys, "volume", *args, "--out", tmp_path / "o.nii.gz"), *fragments)
+
+
+def test_volume_and_video_with_passthrough_or_another_method(tmp_path, capsys):
+    nib = pytest.importorskip("nibabel")
+    import fastlrp
+    from cli_tiny_models import tiny_groupnorm_volume_cnn
+
+    data = np.random.default_rng(1).normal(size=(6, 7, 5)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "in.nii.gz")
+    x = torch.from_numpy((data - data.mean()) / data.std())[None, None]
+    model = "cli_tiny_models:tiny_groupnorm_volume_cnn"
+    for args, expected in [
+        (["--passthrough", "GroupNorm"], fastlrp.LRP(tiny_groupnorm_volume_cnn(), passthrough=[torch.nn.GroupNorm])),
+        (["--method", "integrated_gradients", "--method-option", "steps=4"],
+         fastlrp.methods.get("integrated_gradients", tiny_groupnorm_volume_cnn(), steps=4)),
+    ]:
+        out = tmp_path / "rel.nii.gz"
+        code, _, err = run_cli(capsys, "volume", tmp_path / "in.nii.gz", "--model", model, "--out", out,
+                               "--target", "1", *args)
+        assert code == 0, err
+        want = expected(x, 1)[0, 0].numpy()
+        np.testing.assert_allclose(nib.load(out).get_fdata(), want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+    code, _, err = run_cli(capsys, "volume", tmp_path / "in.nii.gz", "--model", model, "--out", tmp_path / "r.nii")
+    assert_one_line_error(code, _, err, "--passthrough GroupNorm")
+
+    source = write_video(tmp_path / "in.avi", frames=3, size=(16, 16))
+    for video_model, args in [(TINY, ["--method", "gradient"]),
+                              ("cli_tiny_models:tiny_clip_cnn", ["--method", "gradcam", "--clip-length", "2"])]:
+        code, printed, err = run_cli(capsys, "video", source, "--model", video_model, "--out", tmp_path / "o.mp4",
+                                     *args)
+        assert code == 0, err
+        assert len(decode(tmp_path / "o.mp4")) == 3
 
 
 # --- dataset ---------------------------------------------------------------------------
@@ -357,6 +577,31 @@ def test_dataset_resumes_after_a_kill(one_process_h5, image_folder, tmp_path, ca
     # A finished file is left alone; other settings are refused rather than mixed in.
     assert run_cli(capsys, "dataset", *args)[1].count("10 already done") == 1
     assert_one_line_error(*run_cli(capsys, "dataset", *args[:-1], "pred"), "already exists with other settings")
+
+
+def test_dataset_other_method_and_passthrough(image_folder, tmp_path, capsys, monkeypatch):
+    import fastlrp
+    from cli_tiny_models import tiny_groupnorm_cnn
+    from fastlrp.apps.pipelines import dataset
+    from fastlrp.apps.pipelines.common import load_image
+
+    bars = []
+    real_progress = dataset.progress
+    monkeypatch.setattr(dataset, "progress", lambda **options: bars.append(options) or real_progress(**options))
+    x = torch.stack([load_image(image_folder / "dog" / "2.png", 3)])
+    for args, expected in [
+        (["--passthrough", "GroupNorm"], fastlrp.LRP(tiny_groupnorm_cnn(), passthrough=[torch.nn.GroupNorm])(x, 1)),
+        (["--method", "gradient_x_input"],
+         fastlrp.attribute(tiny_groupnorm_cnn(), x, 1, method="gradient_x_input")),
+    ]:
+        out = tmp_path / f"{args[-1]}.h5"
+        code, printed, err = run_cli(capsys, "dataset", image_folder, "--model", GROUPNORM, "--out", out,
+                                     "--batch-size", "4", "--target", "label", *args)
+        assert code == 0, err
+        data, attrs = read_h5(out)
+        np.testing.assert_allclose(data["relevance"][7], expected[0].sum(0).numpy(), rtol=1e-4, atol=1e-7)
+    assert json.loads(attrs["settings"])["method"] == "gradient_x_input"
+    assert [bar["desc"] for bar in bars] == ["dataset", "dataset"]  # one process: no "rank 0"
 
 
 def test_dataset_errors(tmp_path, capsys, image_folder):
@@ -466,6 +711,15 @@ def test_bench_command_writes_a_result_file(tmp_path, capsys):
     assert {"forward", "gradient", "fastlrp:reference"} <= set(providers)
     assert providers["fastlrp:reference"]["status"] == "ok" and providers["fastlrp:reference"]["ratio_to_grad"] > 0
     assert "wrote" in printed
+
+
+def test_bench_help_describes_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "torchvision models to time" in text and "LRP composites to time" in text
+    assert "data type of the models and inputs" in text
+    assert "NAME-<device>-<date>-<time>.json" in text
 
 
 def test_bench_script_keeps_its_command_line():

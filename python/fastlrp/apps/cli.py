@@ -2,12 +2,14 @@
 
     fastlrp demo     [--out DIR] [--n 8] [--composite epsilon_plus] [--seed 0] [--analysis-n 128] [--no-report]
     fastlrp explain  IMAGE... --model ARCH [--weights FILE] [--out DIR] ...
-    fastlrp video    IN --model ARCH --out OUT.mp4 ...
+    fastlrp video    IN --model ARCH --out OUT.mp4 [--clip-length T --clip-stride S] ...
     fastlrp volume   IN.nii[.gz] --model ARCH --out OUT.nii.gz ...
     fastlrp dataset  DIR --model ARCH --out heatmaps.h5 ...      (also under torchrun)
     fastlrp bench    [options of bench/bench_lrp.py]
 
-Each subcommand is a function taking the parsed arguments and returning an exit code.
+Each subcommand is a function taking the parsed arguments and returning an exit code. The
+commands that explain take --method (any of fastlrp.methods.names(); default lrp), --passthrough
+(layers without an LRP rule) and --method-option KEY=VALUE.
 Expected failures (a bad path, an unreadable file, an unknown model, a wrong channel
 count, a missing optional dependency) end as one line on stderr and exit code 2, without a
 traceback (``--traceback`` shows it); anything else is a bug and surfaces as one.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
 import warnings
 
@@ -79,24 +82,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _model_args(args) -> dict:
-    from .pipelines.common import parse_target
+    from .pipelines.common import parse_method_options, parse_target
 
     return {"model_spec": args.model, "weights": args.weights, "num_classes": args.num_classes,
             "composite": args.composite, "target": parse_target(args.target, allow_label=args.command == "dataset"),
-            "device": args.device}
-
-
-def _check_composite(name: str) -> None:
-    from .. import composites
-
-    if name not in composites.names():
-        raise ValueError(f"unknown composite {name!r}; choose one of {', '.join(composites.names())}")
+            "device": args.device, "method": args.method, "layer": args.layer,
+            "passthrough": tuple(args.passthrough or ()), "method_options": parse_method_options(args.method_option)}
 
 
 def _cmd_explain(args) -> int:
     from .pipelines.images import explain_images
 
-    _check_composite(args.composite)
     summary = explain_images(args.images, size=args.size, normalize=args.normalize, convert=args.convert,
                              out_dir=args.out, cmap=args.cmap, alpha=args.alpha, percentile=args.percentile,
                              batch_size=args.batch_size, **_model_args(args))
@@ -110,10 +106,10 @@ def _cmd_explain(args) -> int:
 def _cmd_video(args) -> int:
     from .pipelines.video import explain_video
 
-    _check_composite(args.composite)
     summary = explain_video(args.input, args.out, size=args.size, normalize=args.normalize, convert=args.convert,
-                            batch_size=args.batch_size, clip_length=args.clip_length, cmap=args.cmap,
-                            alpha=args.alpha, percentile=args.percentile, codec=args.codec, **_model_args(args))
+                            batch_size=args.batch_size, clip_length=args.clip_length, clip_stride=args.clip_stride,
+                            cmap=args.cmap, alpha=args.alpha, percentile=args.percentile, codec=args.codec,
+                            **_model_args(args))
     print(f"wrote {summary['out']}: {summary['frames']} frames {summary['width']}x{summary['height']} "
           f"({summary['mode']}, codec {summary['codec']})")
     print(f"{summary['fps']:.1f} frames/s end to end (decode, explain, encode); "
@@ -124,7 +120,6 @@ def _cmd_video(args) -> int:
 def _cmd_volume(args) -> int:
     from .pipelines.volume import explain_volume
 
-    _check_composite(args.composite)
     summary = explain_volume(args.input, args.out, intensity=args.intensity, png=args.png, cmap=args.cmap,
                              alpha=args.alpha, percentile=args.percentile, **_model_args(args))
     print(f"wrote {summary['out']} (relevance {'x'.join(map(str, summary['shape']))}, the input's affine and "
@@ -137,7 +132,6 @@ def _cmd_volume(args) -> int:
 def _cmd_dataset(args) -> int:
     from .pipelines.dataset import explain_dataset
 
-    _check_composite(args.composite)
     summary = explain_dataset(args.dir, args.out, size=args.size, normalize=args.normalize, convert=args.convert,
                               batch_size=args.batch_size, **_model_args(args))
     if summary["rank"] == 0:
@@ -160,6 +154,7 @@ def _cmd_bench(args) -> int:
 
 def _add_model_options(p, image_input: bool = True) -> None:
     from .. import composites
+    from ..methods import names as method_names
 
     p.add_argument("--model", required=True, metavar="ARCH",
                    help="a torchvision classifier name (resnet18, vgg16, r3d_18, ...; random weights unless "
@@ -167,16 +162,28 @@ def _add_model_options(p, image_input: bool = True) -> None:
     p.add_argument("--weights", metavar="FILE",
                    help="a state dict (torch.save(model.state_dict(), FILE)), read with weights_only=True")
     p.add_argument("--num-classes", type=_positive_int, metavar="K", help="build the model with K output classes")
-    p.add_argument("--composite", default="epsilon_plus", metavar="NAME",
-                   help=f"LRP composite: {', '.join(composites.names())} (default: epsilon_plus)")
+    p.add_argument("--method", default="lrp", metavar="NAME",
+                   help=f"attribution method: {', '.join(method_names())} (default: lrp; see docs/methods.md)")
+    p.add_argument("--composite", default=None, metavar="NAME",
+                   help=f"LRP composite of --method lrp: {', '.join(composites.names())} (default: epsilon_plus)")
+    p.add_argument("--layer", metavar="NAME",
+                   help="the layer (module name) of --method cam, gradcam or gradcam++ (default: the last "
+                        "convolution)")
+    p.add_argument("--passthrough", action="append", metavar="LAYER",
+                   help="a layer type (GroupNorm, module:Class) or module name (layer1.0.gn) without an LRP rule "
+                        "that relevance crosses by the plain gradient; repeat it or join several with commas")
+    p.add_argument("--method-option", action="append", metavar="KEY=VALUE",
+                   help="an option of --method, e.g. steps=32 for integrated_gradients or epsilon=0.1 for lrp "
+                        "(docs/methods.md lists them); repeat it for several")
     p.add_argument("--target", default="pred", metavar="CLASS",
                    help="class to explain: pred (the predicted class, default) or a class index")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, default), cpu, cuda or cuda:N")
     if image_input:
         p.add_argument("--size", type=_positive_int, metavar="N", help="resize inputs to N x N before the model")
-        p.add_argument("--normalize", choices=("auto", "imagenet", "none"), default="auto",
-                       help="input scaling after [0, 1]: ImageNet mean/std, none, or auto (default: ImageNet "
-                            "for 3-channel torchvision models, none for factories)")
+        p.add_argument("--normalize", choices=("auto", "imagenet", "kinetics", "none"), default="auto",
+                       help="input scaling after [0, 1]: ImageNet or Kinetics-400 mean/std, none, or auto (default: "
+                            "Kinetics for torchvision's 3-channel video models, ImageNet for its other 3-channel "
+                            "models, none for factories)")
         p.add_argument("--convert", choices=("RGB", "L"),
                        help="convert inputs to colour (RGB) or grey (L) instead of taking their own channels")
 
@@ -227,16 +234,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     video = commands.add_parser(
         "video", help="a video of relevance overlays (PyAV; per-frame 2D or clip-based 3D models)",
-        description="Decode IN with PyAV, explain it in batches of frames (2D model) or clips (3D model such "
-        "as r3d_18), and encode the relevance overlays to OUT. Streams: memory does not grow with the "
-        'video\'s length. Needs pip install "fastlrp[video]".')
+        description="Decode IN with PyAV, explain it frame by frame (2D model) or in sliding clips (3D model "
+        "such as r3d_18, input [N, C, T, H, W]; each frame's relevance is the mean over the clips that hold "
+        "it), and encode the relevance overlays to OUT. Streams: memory does not grow with the video's "
+        'length. A progress bar shows frames/s. Needs pip install "fastlrp[video]".')
     video.add_argument("input", metavar="IN", help="input video file")
     _add_model_options(video)
     _add_render_options(video)
     video.add_argument("--out", required=True, metavar="OUT", help="output video (.mp4, .mkv, .mov, .avi, .webm)")
-    video.add_argument("--batch-size", type=_positive_int, default=8, help="frames per batch for 2D models (default: 8)")
-    video.add_argument("--clip-length", type=_positive_int, default=16,
-                       help="frames per clip for 3D models (default: 16)")
+    video.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
+                       help="frames per pass for 2D models (default: 8), clips per pass for 3D models (default: 1)")
+    video.add_argument("--clip-length", type=_positive_int, default=16, metavar="T",
+                       help="frames per clip for 3D models (default: 16, as r3d_18 was trained)")
+    video.add_argument("--clip-stride", type=_positive_int, default=None, metavar="S",
+                       help="frames from one clip's start to the next's, 1 to --clip-length; below it clips "
+                            "overlap and a frame's relevance is averaged over its clips (default: --clip-length)")
     video.add_argument("--codec", help="encoder (default: by the suffix of OUT, e.g. libx264 for .mp4)")
     video.set_defaults(func=_cmd_video)
 
@@ -292,6 +304,20 @@ def _one_line_warnings():
         warnings.formatwarning = original
 
 
+_PASSTHROUGH_ADVICE = re.compile(r"passthrough=\[\s*'?([^\]']+?)'?\s*\]")
+
+
+def _cli_advice(message: str) -> str:
+    """The engine's advice (``passthrough=[GroupNorm]``) in the command line's terms."""
+    message = _PASSTHROUGH_ADVICE.sub(lambda m: f"--passthrough {m.group(1)}", message)
+    message = message.replace("passthrough=...", "--passthrough (its type or module name)")
+    message = re.sub(r",? or give it a rule in your composite[^.]*\.", ".", message)
+    if "--method" not in message:
+        message = (message.rstrip(". ") + "; or explain the model with a method that needs no rule per layer, "
+                   "e.g. --method gradcam or --method integrated_gradients")
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fastlrp`` console script; returns the exit code."""
     from ..extras import MissingExtraError
@@ -300,14 +326,23 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     show_traceback = "--traceback" in argv
     try:
-        with _one_line_warnings():
-            args = build_parser().parse_args(argv)
-            return args.func(args)
+        try:
+            with _one_line_warnings():
+                args = build_parser().parse_args(argv)
+                return args.func(args)
+        except TypeError as err:
+            # a model torch.fx cannot trace is the user's to fix, as an unsupported layer is; other
+            # TypeErrors are bugs
+            if show_traceback or not str(err).startswith("fastlrp could not trace"):
+                raise
+            raise UnsupportedLayerError(str(err)) from err
     except (_UsageError, OSError, ValueError, MissingExtraError, UnsupportedLayerError) as err:
         if show_traceback:
             raise
         # One line, no traceback: these are the user's to fix, not bugs.
         message = " ".join(str(err).split())
+        if isinstance(err, UnsupportedLayerError):
+            message = _cli_advice(message)
         print(f"fastlrp: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

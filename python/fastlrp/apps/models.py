@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -90,32 +91,58 @@ def _build_from_factory(spec: str, num_classes: int | None) -> nn.Module:
     return model
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_SAVE_HINT = "--weights takes a state dict, saved with torch.save(model.state_dict(), FILE)"
+
+
+def check_weights_file(path: str | Path) -> Path:
+    """``path`` if it is an existing file, else a one-line error naming --weights."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"weights file {path} does not exist (check --weights)")
+    if not path.is_file():
+        raise IsADirectoryError(f"--weights {path} is a folder; give the file written by "
+                                "torch.save(model.state_dict(), FILE)")
+    return path
+
+
+def _unreadable_weights(path: Path, err: Exception) -> ValueError:
+    """One line for what torch.load(weights_only=True) refused, without its advice to load with
+    weights_only=False (which would run code from the file) and without terminal colour codes."""
+    text = " ".join(_ANSI.sub("", str(err)).split())
+    pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if pickled:
+        return ValueError(f"cannot read weights {path}: it holds a pickled {pickled.group(1)} (e.g. a whole model "
+                          f"saved with torch.save(model)), not a state dict; in Python, load it and save "
+                          f"model.state_dict() instead. {_SAVE_HINT}")
+    return ValueError(f"cannot read weights {path}: it is not a state dict (not a file torch.save wrote, or "
+                      f"cut short). {_SAVE_HINT}")
+
+
 def read_state_dict(path: str | Path) -> dict:
     """A state dict from ``path`` via ``torch.load(weights_only=True)``; one-line errors."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist (check --weights)")
+    path = check_weights_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"cannot read weights from {path}: {first_line}; --weights must be a state dict "
-                         "saved with torch.save(model.state_dict(), path)") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, UnicodeDecodeError, AttributeError,
+            ImportError, TypeError, IndexError, KeyError) as err:
+        raise _unreadable_weights(path, err) from None
     for key in ("state_dict", "model"):  # common checkpoint wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} holds no state dict of tensors; save one with torch.save(model.state_dict(), path)")
+        raise ValueError(f"--weights {path} holds no state dict of tensors ({type(state).__name__}); {_SAVE_HINT}")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
 
 
 def load_model(spec: str, weights: str | Path | None = None, num_classes: int | None = None) -> nn.Module:
-    """The model named by ``spec`` with ``weights`` loaded, on the CPU, in eval mode."""
+    """The model named by ``spec`` with ``weights`` loaded, on the CPU, in eval mode. The weights
+    file is read first, so a wrong file is reported before a large model is built."""
+    state = None if weights is None else read_state_dict(weights)
     model = _build_from_factory(spec, num_classes) if is_factory(spec) else _build_torchvision(spec, num_classes)
-    if weights is not None:
-        state = read_state_dict(weights)
+    if state is not None:
         try:
             model.load_state_dict(state)
         except RuntimeError as err:

@@ -104,8 +104,10 @@ def bench_model(name, args, providers, skip_note):
 def add_arguments(p, machine_defaults=False):
     """The benchmark's options on parser ``p``. ``machine_defaults``: ``--device auto``, which
     takes the GPU preset where CUDA is present (``fastlrp bench``); otherwise the CPU run."""
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--composites", nargs="+", default=list(COMPOSITES), choices=list(COMPOSITES))
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), metavar="MODEL",
+                   help=f"torchvision models to time, random weights (any of {', '.join(MODELS)}; default: all)")
+    p.add_argument("--composites", nargs="+", default=list(COMPOSITES), choices=list(COMPOSITES), metavar="NAME",
+                   help=f"LRP composites to time (any of {', '.join(COMPOSITES)}; default: all)")
     p.add_argument("--providers", nargs="+", default=None,
                    help="subset of: fastlrp:<backend>[+save_memory] ... captum (default: all available); "
                         "zennit, forward and gradient always run as the baselines")
@@ -115,7 +117,8 @@ def add_arguments(p, machine_defaults=False):
     p.add_argument("--video-batch", type=int, default=None, help="batch for r3d_18 (1; --gpu: 16)")
     p.add_argument("--video-size", type=int, default=None, help="height = width for r3d_18 (48; --gpu: 112)")
     p.add_argument("--frames", type=int, default=None, help="frames for r3d_18 (4; --gpu: 16)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"],
+                   help="data type of the models and inputs: float32 (default), float64, float16 or bfloat16")
     if machine_defaults:
         p.add_argument("--device", default="auto",
                        help="auto (default: cuda with the --gpu preset where CUDA is present, else cpu), "
@@ -130,7 +133,8 @@ def add_arguments(p, machine_defaults=False):
     p.add_argument("--repeats", type=int, default=None, help="timed calls (3; --gpu: 10)")
     p.add_argument("--cuda-events", action="store_true", help="time with CUDA events instead of the host clock")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak memory call")
-    p.add_argument("--name", default="lrp", help="result file prefix")
+    p.add_argument("--name", default="lrp",
+                   help="first part of the result file's name, NAME-<device>-<date>-<time>.json (default: lrp)")
     p.add_argument("--out", default=None, help=f"directory for the JSON (default {RESULTS_DIR})")
     return p
 

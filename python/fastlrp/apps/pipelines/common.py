@@ -13,6 +13,10 @@ import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Kinetics-400 statistics, with which torchvision's video classifiers (r3d_18, ...) were trained.
+KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
+KINETICS_STD = (0.22803, 0.22145, 0.216989)
+NORMALIZE = ("auto", "imagenet", "kinetics", "none")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
@@ -25,8 +29,12 @@ class Preprocessing:
     std: tuple | None = None
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``pixels``: [N, C, H, W] (or [N, C, T, H, W]: frames resized alike) in [0, 1]."""
+        """``pixels``: a batch [N, C, H, W] (or of clips [N, C, T, H, W]: frames resized alike) in
+        [0, 1]. The batch axis is required: the channel axis must be the second one."""
         x = pixels
+        if x.ndim < 4:
+            raise ValueError(f"Preprocessing takes a batch [N, C, H, W] or [N, C, T, H, W], got shape "
+                             f"{tuple(x.shape)}")
         if self.size is not None and tuple(x.shape[-2:]) != (self.size, self.size):
             lead = x.shape[:-2]
             x = F.interpolate(x.reshape(-1, 1, *x.shape[-2:]), size=(self.size, self.size), mode="bilinear",
@@ -46,24 +54,191 @@ class Preprocessing:
         return {"low": (-mean / std)[:channels], "high": ((1 - mean) / std)[:channels]}
 
 
+def _is_torchvision_video_model(model_spec: str) -> bool:
+    if ":" in model_spec:
+        return False
+    try:
+        import torchvision
+    except ImportError:
+        return False
+    return model_spec in torchvision.models.list_models(module=torchvision.models.video)
+
+
 def preprocessing(size: int | None, normalize: str, model_spec: str, channels: int) -> Preprocessing:
-    """``normalize``: ``imagenet``, ``none`` or ``auto`` (ImageNet statistics for torchvision's
-    3-channel models, which are trained with them; none for user factories)."""
+    """``normalize``: ``imagenet``, ``kinetics``, ``none`` or ``auto`` (the statistics torchvision's
+    3-channel models were trained with: Kinetics-400 for its video models, ImageNet for the others;
+    none for user factories)."""
+    if normalize not in NORMALIZE:
+        raise ValueError(f"--normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
     if normalize == "auto":
-        normalize = "imagenet" if ":" not in model_spec and channels == 3 else "none"
-    if normalize == "imagenet":
+        if ":" in model_spec or channels != 3:
+            normalize = "none"
+        else:
+            normalize = "kinetics" if _is_torchvision_video_model(model_spec) else "imagenet"
+    if normalize in ("imagenet", "kinetics"):
         if channels != 3:
-            raise ValueError(f"--normalize imagenet needs 3 channels, the model takes {channels}; use --normalize none")
+            raise ValueError(f"--normalize {normalize} needs 3 channels, the model takes {channels}; "
+                             "use --normalize none")
+        if normalize == "kinetics":
+            return Preprocessing(size, KINETICS_MEAN, KINETICS_STD)
         return Preprocessing(size, IMAGENET_MEAN, IMAGENET_STD)
     return Preprocessing(size)
 
 
-def make_explainer(model, composite: str, prep: Preprocessing, channels: int):
-    import fastlrp
+# --- the explainer: LRP or any other method of fastlrp.methods ---------------------------
 
-    # Box rules need the input domain, which the scaling decides.
-    options = prep.box_bounds(channels) if "box" in composite else {}
-    return fastlrp.LRP(model, composite=composite, **options)
+CAM_METHODS = ("cam", "gradcam", "gradcam++")
+# Methods the LRP engine runs: they trace the model and take passthrough=.
+ENGINE_METHODS = ("lrp", "deep_taylor", "guided_backprop", "deconvnet")
+
+
+@dataclass
+class Explained:
+    """What the pipelines read from an explanation: ``relevance`` [N, C, *spatial] (C = 1 for the
+    CAM methods, whose maps have no channels) and the model's ``output``."""
+
+    relevance: torch.Tensor
+    output: torch.Tensor
+
+
+class Explainer:
+    """One interface over ``fastlrp.LRP`` and ``fastlrp.methods``: ``explain(x, target)``."""
+
+    def __init__(self, method: str, impl):
+        self.method = method
+        self.impl = impl
+
+    def explain(self, x: torch.Tensor, target=None) -> Explained:
+        result = self.impl.explain(x, target)
+        relevance = result.relevance
+        if relevance.ndim == x.ndim - 1:  # a CAM map [N, *spatial]: give it a channel axis
+            relevance = relevance.unsqueeze(1)
+        return Explained(relevance.detach(), result.output.detach())
+
+    def __call__(self, x: torch.Tensor, target=None) -> torch.Tensor:
+        return self.explain(x, target).relevance
+
+
+def method_names() -> list:
+    from ...methods import names
+
+    return names()
+
+
+def check_method(method: str = "lrp", composite: str | None = None, layer: str | None = None,
+                 passthrough: Sequence = (), method_options: dict | None = None) -> None:
+    """One-line errors for a method name and the options given with it, before any model is built."""
+    from ... import composites
+
+    if method not in method_names():
+        raise ValueError(f"unknown --method {method!r}; choose one of {', '.join(method_names())}")
+    if composite is not None:
+        if method != "lrp":
+            raise ValueError(f"--composite applies to --method lrp only, not {method}; drop --composite")
+        if composite not in composites.names():
+            raise ValueError(f"unknown composite {composite!r} (--composite); choose one of {', '.join(composites.names())}")
+    if layer is not None and method not in CAM_METHODS:
+        raise ValueError(f"--layer applies to --method {', '.join(CAM_METHODS)}, not {method}; drop --layer")
+    if passthrough and method not in ENGINE_METHODS:
+        raise ValueError(f"--passthrough applies to the methods the LRP engine runs ({', '.join(ENGINE_METHODS)}), "
+                         f"not {method}, which needs no rule per layer; drop --passthrough")
+
+
+def resolve_passthrough(model, items: Sequence) -> tuple:
+    """Command-line pass-through entries as ``fastlrp.LRP(passthrough=...)`` takes them.
+
+    An entry is a module name of the model (``layer1.0.gn``), the class name of layers in it
+    (``GroupNorm``), a ``torch.nn`` class name, ``module:Class`` for a class of your own, or an
+    op name (``softmax``) as the engine's error names it; several may be joined by commas."""
+    import importlib
+
+    from torch import nn
+
+    names = {name for name, _ in model.named_modules() if name}
+    types_in_model: dict = {}
+    for module in model.modules():
+        types_in_model.setdefault(type(module).__name__, set()).add(type(module))
+    resolved = []
+    for item in (part.strip() for entry in items or () for part in str(entry).split(",")):
+        if not item:
+            continue
+        if item in names:
+            resolved.append(item)
+        elif item in types_in_model:
+            resolved.extend(sorted(types_in_model[item], key=lambda t: t.__module__))
+        elif ":" in item:
+            module_name, _, class_name = item.partition(":")
+            try:
+                cls = getattr(importlib.import_module(module_name), class_name)
+            except (ImportError, AttributeError) as err:
+                raise ValueError(f"--passthrough {item}: cannot find class {class_name!r} in module "
+                                 f"{module_name!r} ({err}); give module:Class, a layer type or a module name") from None
+            if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+                raise ValueError(f"--passthrough {item} is not an nn.Module class; give a layer type or a module name")
+            resolved.append(cls)
+        elif isinstance(getattr(nn, item, None), type) and issubclass(getattr(nn, item), nn.Module):
+            resolved.append(getattr(nn, item))
+        else:
+            resolved.append(item)  # an op name such as softmax: the engine matches it while tracing
+    return tuple(resolved)
+
+
+def make_explainer(model, composite: str | None, prep: Preprocessing, channels: int, method: str = "lrp",
+                   layer: str | None = None, passthrough: Sequence = (), method_options: dict | None = None
+                   ) -> Explainer:
+    """The pipelines' explainer: ``fastlrp.LRP`` with ``composite`` (default epsilon_plus) for
+    ``method="lrp"``, else the method of ``fastlrp.methods`` with ``method_options``; CAM maps are
+    upsampled to the input, box bounds come from the scaling."""
+    import fastlrp
+    from ... import methods
+    from ...engine import UnsupportedLayerError
+
+    check_method(method, composite, layer, passthrough, method_options)
+    options = dict(method_options or {})
+    resolved = resolve_passthrough(model, passthrough)
+    if resolved:
+        options["passthrough"] = resolved
+    if method == "lrp":
+        composite = composite or "epsilon_plus"
+        if "box" in composite:  # box rules need the input domain, which the scaling decides
+            options = {**prep.box_bounds(channels), **options}
+        build = lambda: fastlrp.LRP(model, composite=composite, **options)  # noqa: E731
+    else:
+        if method == "deep_taylor" and options.get("input_rule", "zb") == "zb":
+            options = {**prep.box_bounds(channels), **options}
+        if method in CAM_METHODS:
+            options["upsample"] = True  # a map over the input's pixels, which is what every pipeline draws
+            if layer is not None:
+                options["layer"] = layer
+        build = lambda: methods.get(method, model, **options)  # noqa: E731
+    try:
+        return Explainer(method, build())
+    except UnsupportedLayerError:
+        raise
+    except TypeError as err:
+        # An option the method (or LRP preset) does not take; tracing failures stay as they are.
+        if not method_options or "could not trace" in str(err):
+            raise
+        raise ValueError(f"--method-option: {' '.join(str(err).split())}") from None
+
+
+def parse_method_options(items: Sequence) -> dict:
+    """``KEY=VALUE`` strings as keyword arguments; a value is a Python literal (a number, True,
+    None, a quoted string) or else the plain string."""
+    import ast
+
+    options = {}
+    for item in items or ():
+        key, sep, text = str(item).partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--method-option {item!r} must look like KEY=VALUE, e.g. steps=32")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            value = text.strip()
+        options[key] = value
+    return options
 
 
 def parse_target(text: str, allow_label: bool = False):
@@ -103,11 +278,13 @@ def convert_fix(model_channels: int) -> str:
 
 
 def image_channels(path: Path, convert: str | None) -> int:
-    """Channels an image file gives: 1 for grey, 3 for colour (alpha is dropped)."""
+    """Channels an image file gives: 1 for grey, 3 for colour (alpha is dropped). Opens the file
+    (its header only) even with ``convert``, so a missing or damaged file is named early."""
+    with _open(path) as image:
+        found = 1 if image.mode in ("1", "L", "I", "I;16", "F") else 3
     if convert is not None:
         return 1 if convert == "L" else 3
-    with _open(path) as image:
-        return 1 if image.mode in ("1", "L", "I", "I;16", "F") else 3
+    return found
 
 
 def check_input_file(path: Path, what: str) -> Path:
@@ -120,6 +297,12 @@ def check_input_file(path: Path, what: str) -> Path:
     return path
 
 
+def _damaged(path: Path, err: Exception) -> ValueError:
+    detail = " ".join(str(err).split()) or type(err).__name__
+    return ValueError(f"cannot read image {path} ({detail}): the file is cut short or damaged; replace it or "
+                      "leave it out")
+
+
 def _open(path: Path):
     from PIL import Image, UnidentifiedImageError
 
@@ -128,6 +311,10 @@ def _open(path: Path):
         return Image.open(path)
     except UnidentifiedImageError:
         raise ValueError(f"cannot read {path}: not an image file Pillow understands (PNG, JPEG, ...)") from None
+    except (OSError, SyntaxError, EOFError) as err:  # Pillow's "Truncated File Read" and kin name no file
+        if isinstance(err, (FileNotFoundError, IsADirectoryError, PermissionError)):
+            raise
+        raise _damaged(path, err) from None
 
 
 def load_image(path: Path, channels: int) -> torch.Tensor:
@@ -135,12 +322,22 @@ def load_image(path: Path, channels: int) -> torch.Tensor:
     try:
         with _open(path) as image:
             pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
-    except OSError as err:
-        if isinstance(err, (FileNotFoundError, IsADirectoryError)):
+    except (OSError, SyntaxError, EOFError) as err:
+        if isinstance(err, (FileNotFoundError, IsADirectoryError, PermissionError)):
             raise
-        raise ValueError(f"cannot read {path}: {err}") from None
+        raise _damaged(path, err) from None
     tensor = torch.from_numpy(pixels)
     return tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
+
+
+def check_cmap(cmap) -> None:
+    """A one-line error naming --cmap for a colour map neither fastlrp nor matplotlib knows."""
+    from ... import viz
+
+    try:
+        viz.colormap(cmap)
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"--cmap: {' '.join(str(err).split())}") from None
 
 
 def progress(iterable=None, **options):

@@ -33,7 +33,7 @@ import torch
 
 from .. import models
 from ...extras import require
-from .common import (IMAGE_SUFFIXES, chunks, convert_fix, image_channels, load_image, make_explainer,
+from .common import (IMAGE_SUFFIXES, check_method, chunks, convert_fix, image_channels, load_image, make_explainer,
                      preprocessing, progress, target_indices)
 
 LAYOUT_VERSION = 1
@@ -100,7 +100,8 @@ def shard_path(out: Path, rank: int, world: int) -> Path:
     return out.with_name(f"{out.name}.part{rank}-of-{world}")
 
 
-def _settings(root, paths, labels, model_spec, weights, num_classes, composite, target, hw, normalize, convert):
+def _settings(root, paths, labels, model_spec, weights, num_classes, composite, target, hw, normalize, convert,
+              explanation=None):
     digest = hashlib.sha1("\n".join(f"{p}\t{lab}" for p, lab in zip(paths, labels)).encode()).hexdigest()
     weights_id = None
     if weights is not None:
@@ -109,7 +110,10 @@ def _settings(root, paths, labels, model_spec, weights, num_classes, composite, 
     return json.dumps({"layout_version": LAYOUT_VERSION, "source": str(root), "n": len(paths), "items_sha1": digest,
                        "model": model_spec, "weights": weights_id, "num_classes": num_classes,
                        "composite": composite, "target": target, "size": list(hw), "normalize": normalize,
-                       "convert": convert}, sort_keys=True)
+                       "convert": convert,
+                       # method, layer, pass-through and options only when given, so runs of earlier
+                       # versions (always LRP) still resume
+                       **(explanation or {})}, sort_keys=True)
 
 
 def _describe_difference(old: str, new: str) -> str:
@@ -167,27 +171,37 @@ def _merge(h5py, out: Path, world: int, n: int, hw: tuple, paths, labels, classe
         shard_path(out, rank, world).unlink()
 
 
-def explain_dataset(root, out, model_spec: str, weights=None, num_classes=None, composite="epsilon_plus",
+def explain_dataset(root, out, model_spec: str, weights=None, num_classes=None, composite=None,
                     target="pred", size=None, normalize="auto", convert=None, batch_size=16,
-                    device="auto") -> dict:
+                    device="auto", method="lrp", layer=None, passthrough=(), method_options=None) -> dict:
     """Explain every image under ``root`` into the HDF5 file ``out`` (layout above); returns a summary.
+    ``method``, ``layer``, ``passthrough``, ``method_options``: as ``explain_images``.
 
     Run under torchrun, every rank calls this; each explains its share, rank 0 merges.
     """
     h5py = require("h5py", "dataset")
     root, out = Path(root).expanduser().absolute(), Path(out).expanduser().absolute()
+    # Everything that can be checked without the model comes first.
+    check_method(method, composite, layer, passthrough, method_options)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"folder {out.parent} for --out does not exist")
     paths, labels, classes = scan(root)
+    first_channels = image_channels(root / paths[0], convert)
+    hw = common_size(root, paths, size)
     model = models.load_model(model_spec, weights, num_classes)
     spec = models.input_spec(model)
     models.check_spatial_dims(spec, (2,), "dataset", "give an image classifier")
     channels = spec.channels if spec else 3
-    models.check_channels(spec, image_channels(root / paths[0], convert), str(root / paths[0]),
-                          convert_fix(channels))
-    hw = common_size(root, paths, size)
-    settings = _settings(root, paths, labels, model_spec, weights, num_classes, composite, target, hw,
-                         normalize, convert)
+    models.check_channels(spec, first_channels, str(root / paths[0]), convert_fix(channels))
+    explanation = {}
+    if method != "lrp":
+        explanation["method"] = method
+    for key, value in (("layer", layer), ("passthrough", list(passthrough or ())), ("method_options", method_options)):
+        if value:
+            explanation[key] = json.loads(json.dumps(value, default=str))
+    settings = _settings(root, paths, labels, model_spec, weights, num_classes,
+                         (composite or "epsilon_plus") if method == "lrp" else None, target, hw, normalize,
+                         convert, explanation)
     summary = {"out": str(out), "n": len(paths), "classes": classes, "size": list(hw)}
 
     if out.exists():
@@ -214,7 +228,7 @@ def explain_dataset(root, out, model_spec: str, weights=None, num_classes=None, 
         dev = torch.device("cuda", local_rank)  # one GPU per rank
     prep = preprocessing(size, normalize, model_spec, channels)
     model = model.to(dev)
-    explainer = make_explainer(model, composite, prep, channels)
+    explainer = make_explainer(model, composite, prep, channels, method, layer, passthrough, method_options)
 
     positions = list(range(rank, len(paths), world))
     shard = _open_shard(h5py, shard_path(out, rank, world), settings, positions, hw)
@@ -223,8 +237,9 @@ def explain_dataset(root, out, model_spec: str, weights=None, num_classes=None, 
     try:
         done = shard["done"][()]
         todo = [row for row in range(len(positions)) if not done[row]]
-        bar = progress(total=len(positions), initial=len(positions) - len(todo), desc=f"dataset rank {rank}",
-                       unit="img", disable=None if rank == 0 else True)
+        label = "dataset" if world == 1 else f"dataset rank {rank} of {world}"  # only rank 0 shows it
+        bar = progress(total=len(positions), initial=len(positions) - len(todo), desc=label, unit="img",
+                       disable=None if rank == 0 else True)
         for rows in chunks(todo, batch_size):
             items = [positions[row] for row in rows]
             x = torch.stack([load_image(root / paths[k], channels) for k in items])
@@ -257,5 +272,6 @@ def explain_dataset(root, out, model_spec: str, weights=None, num_classes=None, 
         dist.barrier()  # every shard complete before rank 0 reads them
     if rank == 0:
         _merge(h5py, out, world, len(paths), hw, paths, labels, classes, settings,
-               {"source": str(root), "model": model_spec, "composite": composite})
+               {"source": str(root), "model": model_spec, "method": method,
+                "composite": (composite or "epsilon_plus") if method == "lrp" else ""})
     return {**summary, "explained": explained, "skipped": len(positions) - explained, "rank": rank, "world": world}

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from .. import models
 from ... import viz
-from .common import (chunks, convert_fix, image_channels, load_image, make_explainer, preprocessing, progress,
-                     target_indices)
+from .common import (check_cmap, check_method, chunks, convert_fix, image_channels, load_image, make_explainer,
+                     preprocessing, progress, target_indices)
 
 TOP_K = 5
 
@@ -43,26 +43,34 @@ def render(pixels: torch.Tensor, relevance: torch.Tensor, cmap: str, alpha: floa
     return heat, viz.overlay(grey, heat, alpha)
 
 
-def explain_images(paths: list, model_spec: str, weights=None, num_classes=None, composite="epsilon_plus",
+def explain_images(paths: list, model_spec: str, weights=None, num_classes=None, composite=None,
                    target="pred", size=None, normalize="auto", convert=None, out_dir="fastlrp-explain",
-                   cmap="bwr", alpha=0.6, percentile=None, batch_size=8, device="auto") -> dict:
+                   cmap="bwr", alpha=0.6, percentile=None, batch_size=8, device="auto", method="lrp",
+                   layer=None, passthrough=(), method_options=None) -> dict:
     """Explain each image file; write ``<stem>_heatmap.png``, ``<stem>_overlay.png`` and
-    ``predictions.json`` to ``out_dir``; return what the JSON holds."""
+    ``predictions.json`` to ``out_dir``; return what the JSON holds.
+
+    ``method``: ``lrp`` (with ``composite``, default epsilon_plus) or another name of
+    ``fastlrp.methods.names()`` with ``method_options``; ``layer`` for the CAM methods;
+    ``passthrough``: layer types or module names without an LRP rule (``fastlrp.LRP``'s option)."""
     from ..demo.run import prepare_out_dir
 
     paths = [Path(p) for p in paths]
+    # Everything that can be checked without the model comes first: a typo fails at once.
+    check_method(method, composite, layer, passthrough, method_options)
+    check_cmap(cmap)
+    found = [image_channels(path, convert) for path in paths]
     model = models.load_model(model_spec, weights, num_classes)
     spec = models.input_spec(model)
     models.check_spatial_dims(spec, (2,), "explain", "for video models use `fastlrp video`, for volumes "
                               "`fastlrp volume`")
     channels = spec.channels if spec else 3
-    for path in paths:  # all files checked before any work, so a typo fails at once
-        found = image_channels(path, convert)
-        models.check_channels(spec, found, str(path), convert_fix(channels))
+    for path, count in zip(paths, found):
+        models.check_channels(spec, count, str(path), convert_fix(channels))
     prep = preprocessing(size, normalize, model_spec, channels)
     dev = models.resolve_device(device)
     model = model.to(dev)
-    explainer = make_explainer(model, composite, prep, channels)
+    explainer = make_explainer(model, composite, prep, channels, method, layer, passthrough, method_options)
     out = prepare_out_dir(out_dir)
 
     records = [None] * len(paths)  # filled by position: size groups can reorder a batch
@@ -102,8 +110,9 @@ def explain_images(paths: list, model_spec: str, weights=None, num_classes=None,
                 }
             bar.update(len(members))
     bar.close()
-    summary = {"model": model_spec, "weights": None if weights is None else str(weights), "composite": composite,
-               "target": target, "out_dir": str(out), "images": records}
+    summary = {"model": model_spec, "weights": None if weights is None else str(weights), "method": method,
+               "composite": (composite or "epsilon_plus") if method == "lrp" else None, "target": target,
+               "out_dir": str(out), "images": records}
     (out / "predictions.json").write_text(json.dumps(summary, indent=2) + "\n")
     summary["json"] = str(out / "predictions.json")
     return summary

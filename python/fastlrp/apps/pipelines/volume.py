@@ -17,7 +17,7 @@ import torch
 from .. import models
 from ... import viz
 from ...extras import require
-from .common import Preprocessing, check_input_file, make_explainer
+from .common import Preprocessing, check_cmap, check_input_file, check_method, make_explainer
 
 INTENSITY = ("zscore", "minmax", "none")
 
@@ -75,20 +75,26 @@ def slices_png(path: Path, volume: np.ndarray, relevance: np.ndarray, cmap: str 
     return tuple(int(c) for c in centre)
 
 
-def explain_volume(in_path, out_path, model_spec: str, weights=None, num_classes=None, composite="epsilon_plus",
+def explain_volume(in_path, out_path, model_spec: str, weights=None, num_classes=None, composite=None,
                    target="pred", intensity="zscore", png=None, cmap="bwr", alpha=0.6, percentile=None,
-                   device="auto") -> dict:
-    """Write the relevance of ``in_path`` as NIfTI to ``out_path`` and a slices PNG; return a summary."""
+                   device="auto", method="lrp", layer=None, passthrough=(), method_options=None) -> dict:
+    """Write the relevance of ``in_path`` as NIfTI to ``out_path`` and a slices PNG; return a summary.
+    ``method``, ``layer``, ``passthrough``, ``method_options``: as ``explain_images``."""
     nib = require("nibabel", "volume")
     in_path, out_path = Path(in_path), Path(out_path)
+    # Everything that can be checked without the model comes first.
+    check_method(method, composite, layer, passthrough, method_options)
+    check_cmap(cmap)
     if not out_path.name.endswith((".nii", ".nii.gz")):
         raise ValueError(f"--out {out_path} must end in .nii or .nii.gz")
     if not out_path.parent.exists():
         raise FileNotFoundError(f"folder {out_path.parent} for --out does not exist")
+    if png is not None and not Path(png).parent.exists():
+        raise FileNotFoundError(f"folder {Path(png).parent} for --png does not exist")
+    image, data = read_volume(nib, in_path)
     model = models.load_model(model_spec, weights, num_classes)
     spec = models.input_spec(model)
     models.check_spatial_dims(spec, (3,), "volume", "give a 3D network (first layer Conv3d)")
-    image, data = read_volume(nib, in_path)
     channels = 1 if data.ndim == 3 else data.shape[3]
     models.check_channels(spec, channels, f"volume {in_path.name}",
                           "use a model whose first Conv3d takes that many channels")
@@ -96,7 +102,8 @@ def explain_volume(in_path, out_path, model_spec: str, weights=None, num_classes
     scaled = scale_intensity(voxels, intensity)
     dev = models.resolve_device(device)
     model = model.to(dev)
-    explainer = make_explainer(model, composite, Preprocessing(), channels)
+    explainer = make_explainer(model, composite, Preprocessing(), channels, method, layer, passthrough,
+                               method_options)
     x = torch.from_numpy(np.ascontiguousarray(scaled.transpose(3, 0, 1, 2)))[None].to(dev)
     result = explainer.explain(x, None if target == "pred" else target)
     relevance = result.relevance[0].sum(0).detach().cpu().numpy().astype(np.float32)
