@@ -108,7 +108,7 @@ def test_meaningful_perturbation_preservation_blur_and_jitter_run():
     x = torch.rand(1, 1, 16, 16)
     x[:, :, 4:8, 8:12] = 3.0
     result = MeaningfulPerturbation(model, mode="preservation", perturbation="blur", blur_sigma=3.0,
-                                    steps=20, jitter=2, seed=0).explain(x, 0)
+                                    steps=20, jitter=2, l1_coeff=0.05, seed=0).explain(x, 0)
     assert result.relevance.shape == x.shape and result.score_curve.shape == (20, 1)
     assert ((result.mask >= 0) & (result.mask <= 1)).all()
     assert torch.equal(result.relevance, result.mask)   # preservation: the kept part is the evidence
@@ -125,3 +125,77 @@ def test_meaningful_perturbation_on_features():
     assert result.relevance.argmax().item() == 2 and result.mask.shape == (1, 6)
     with pytest.raises(ValueError, match="perturbation='blur'"):
         MeaningfulPerturbation(model)(x, 0)
+
+
+class _PlantedSquare(nn.Module):
+    """A 1000-class model on [N, 3, 224, 224] whose class-0 logit is 3 * the correlation of the
+    image (channel mean) with a checkerboard of 16-pixel checks over the square rows 96-159,
+    columns 64-127 (coarse enough that the 4-pixel jitter does not invert it, fine enough that
+    the default blur erases it);
+    the other 999 logits are 0. With the checkerboard planted in the square, p_0 is about 0.02:
+    the low-probability case where a raw-probability objective never moves the mask."""
+
+    SQUARE = (slice(96, 160), slice(64, 128))
+
+    def __init__(self):
+        super().__init__()
+        checker = _checkerboard()
+        pattern = torch.zeros(224, 224)
+        pattern[self.SQUARE] = checker[self.SQUARE] / (64 * 64)
+        self.register_buffer("pattern", pattern)
+
+    def forward(self, x):
+        evidence = 3.0 * (x.mean(1) * self.pattern).sum((1, 2))
+        return torch.cat([evidence[:, None], evidence.new_zeros(x.shape[0], 999)], 1)
+
+
+def _checkerboard():
+    rows, cols = torch.meshgrid(torch.arange(224), torch.arange(224), indexing="ij")
+    return ((rows // 16 + cols // 16) % 2) * 2.0 - 1.0
+
+
+def _planted_square_image(n=1, seed=0):
+    """Uniform noise in [0, 1] with the checkerboard planted in the square."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, 224, 224, generator=gen)
+    x[:, :, 96:160, 64:128] = _checkerboard()[96:160, 64:128]
+    return x
+
+
+def test_meaningful_perturbation_deletes_a_planted_square_at_224():
+    model = _PlantedSquare().eval()
+    x = _planted_square_image()
+    p0 = model(x).softmax(1)[0, 0].item()
+    assert p0 < 0.05                                      # a low class probability
+    # the defaults (blur, probability, 28 x 28 mask, Adam at 0.1) but fewer steps
+    result = MeaningfulPerturbation(model, steps=30, seed=0, progress=False).explain(x, 0)
+    evidence = result.relevance[0, 0]
+    assert result.mask.shape == (1, 1, 224, 224) and result.score_curve.shape == (30, 1)
+    assert result.score_curve[-5:, 0].mean() < 0.25 * p0   # the class was deleted
+    square = torch.zeros(224, 224, dtype=torch.bool)
+    square[_PlantedSquare.SQUARE] = True
+    deleted = evidence > 0.5
+    overlap = (deleted & square).sum() / (deleted | square).sum()
+    assert overlap > 0.6, f"intersection over union {overlap:.2f}"
+    # the low-resolution, smoothed mask softens the square's edges; away from it nothing is deleted
+    assert evidence[square].mean() > 0.6 and evidence[~square].mean() < 0.05
+    far = torch.ones(224, 224, dtype=torch.bool)
+    far[80:176, 48:144] = False                           # the square grown by 16 pixels
+    assert evidence[far].max() < 0.05
+
+
+def test_meaningful_perturbation_warns_about_an_all_zero_map():
+    model = _PlantedSquare().eval()
+    x = torch.full((2, 3, 224, 224), 0.5)    # flat: blurring changes nothing, nothing can be deleted
+    with pytest.warns(UserWarning, match=r"sample\(s\) \[0, 1\] is all zero"):
+        result = MeaningfulPerturbation(model, steps=3, jitter=0, progress=False).explain(x, 0)
+    assert torch.count_nonzero(result.relevance) == 0
+
+
+def test_meaningful_perturbation_progress_bar(capsys):
+    pytest.importorskip("tqdm")
+    model = _PlantedEvidence().eval()
+    x = torch.rand(1, 1, 16, 16)
+    x[:, :, 4:8, 8:12] = 3.0
+    MeaningfulPerturbation(model, steps=3, blur_sigma=2.0, mask_scale=2, progress=True)(x, 0)
+    assert "meaningful perturbation" in capsys.readouterr().err

@@ -102,9 +102,9 @@ def per_sample_range(x: torch.Tensor) -> torch.Tensor:
     return (flat.amax(1) - flat.amin(1)).reshape(-1, *([1] * (x.ndim - 1)))
 
 
-def progress_bar(total: int, progress, description: str):
-    """A tqdm bar over ``total`` forward passes, or None. progress=None shows one only for long
-    runs (>= 50 passes) and only if tqdm is installed; True insists on it."""
+def progress_bar(total: int, progress, description: str, unit: str = "batch"):
+    """A tqdm bar over ``total`` forward passes (``unit``), or None. progress=None shows one only
+    for long runs (>= 50 passes) and only if tqdm is installed; True insists on it."""
     if progress is False or (progress is None and total < 50):
         return None
     try:
@@ -113,7 +113,7 @@ def progress_bar(total: int, progress, description: str):
         if progress:
             raise ImportError("progress=True needs tqdm: pip install 'fastlrp[methods]'") from None
         return None
-    return tqdm(total=total, desc=description, unit="batch")
+    return tqdm(total=total, desc=description, unit=unit)
 
 
 def spatial_dims(x: torch.Tensor) -> tuple:

@@ -126,21 +126,28 @@ class GradCAM(_LayerMap):
 
 
 class GradCAMPlusPlus(_LayerMap):
-    """Grad-CAM++ (Chattopadhay et al. 2018) with the exponential of the score, so that higher
-    derivatives are powers of the first, g = d y / d A:
-    a_kij = g^2 / (2 g^2 + sum_ab A_kab g^3), w_k = sum_ij a_kij ReLU(g_kij), M = ReLU(sum_k w_k A_k).
-    The common factor exp(y) is dropped. Options as GradCAM.
+    """Grad-CAM++ (Chattopadhay et al. 2018, eq. 19) with the exponential of the score, so that
+    higher derivatives are powers of the first, g = d y / d A:
+
+        a_kij = g_kij^2 / (2 g_kij^2 + g_kij^3 * S_k),   S_k = sum_ab A_kab (channel k's activation
+        summed over all positions; the gradient is *not* inside that sum),
+        w_k = sum_ij a_kij ReLU(g_kij),   M = ReLU(sum_k w_k A_k).
+
+    The common factor exp(y) is dropped; coefficients that are 0/0 (g = 0) are 0. Options as
+    GradCAM.
     """
 
     name = "gradcam++"
 
     def _explain(self, model, x, target):
         activation, grad, output, _, explained = self._activations(model, x, target)
-        g2, g3 = grad.square(), grad.pow(3)
         spatial = tuple(range(2, activation.ndim))
-        denominator = 2 * g2 + (activation * g3).sum(spatial, keepdim=True)
-        # where the gradient vanishes the coefficient is 0/0; it multiplies ReLU(g) = 0 anyway
-        alpha = torch.where(denominator != 0, g2 / torch.where(denominator != 0, denominator, 1), 0)
+        g2 = grad.square()
+        channel_sum = activation.sum(spatial, keepdim=True)       # S_k: [N, K, 1, ...]
+        denominator = 2 * g2 + g2 * grad * channel_sum
+        # g = 0 makes the coefficient 0/0; it multiplies ReLU(g) = 0, so 0 is the natural value
+        defined = denominator != 0
+        alpha = torch.where(defined, g2 / torch.where(defined, denominator, torch.ones_like(denominator)), 0)
         channel_weights = (alpha * grad.clamp(min=0)).flatten(2).sum(2)
         cam = torch.einsum("nk,nk...->n...", channel_weights, activation)
         return self._finish(cam, x, output, explained)

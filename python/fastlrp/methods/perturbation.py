@@ -4,6 +4,7 @@ mask). Formulas and citations in docs/methods.md."""
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -132,26 +133,38 @@ class MeaningfulPerturbation(AttributionMethod):
     deletion (default): minimize  l1 * mean(1 - m) + tv * TV_beta(m) + s(x perturbed where m = 0)
     preservation:       minimize  l1 * mean(m)     + tv * TV_beta(m) - s(x perturbed where m = 0)
 
-    with s the class score (``score``: "probability" (softmax, the paper), "log_probability"
-    or "logit"). Means over mask elements make the coefficients independent of the resolution.
+    The mask lives at low resolution (1/mask_scale of the input: 28 x 28 for 224 x 224 with the
+    default 8) and is upsampled (bi/trilinear), which keeps it smooth. s is the class score:
 
-    perturbation: "blur" (Gaussian, ``blur_sigma`` pixels), "noise" (Gaussian, ``noise_std`` times
-        the sample's value range, fresh each step) or "constant" (``constant``).
-    mask_scale: the mask is optimized at 1/mask_scale of the input resolution and upsampled
-        (bilinear), which keeps it smooth. 1 for [N, features] inputs.
-    jitter: each step shifts the perturbed input by up to this many positions (paper: 4 px), so
+    - "probability" (default, the paper's softmax probability) *relative to the clean input*,
+      p_c(perturbed) / p_c(x): deleting everything that supports the class gains about 1 however
+      confident the model is, so the area and smoothness coefficients mean the same for a class
+      at p = 0.9 and one at p = 0.001 (with the raw probability a low-probability class gains at
+      most p from any deletion, less than any area cost, and the mask never moves);
+    - "log_probability": log p_c (already relative: a constant offset changes no gradient);
+    - "logit": the raw class logit (coefficients then depend on the logit's scale).
+
+    Regularizers are means over the low-resolution mask, so the coefficients do not depend on
+    the resolution: deleting the whole image costs ``l1_coeff``.
+
+    perturbation: "blur" (Gaussian, ``blur_sigma`` pixels; the paper's choice), "noise" (Gaussian,
+        ``noise_std`` times the sample's value range, fresh each step) or "constant" (``constant``).
+    jitter: each step shifts the composed input by up to this many positions (paper: 4 px), so
         the mask cannot exploit single pixels.
-    steps, lr: Adam iterations and step size (paper: 300, 0.1).
+    steps, lr: Adam iterations and step size (default 100 at 0.1; the paper runs 300; each step
+        is one forward and one backward pass of the model).
+    progress: tqdm bar over the steps (None: shown from 50 steps on).
     The attribution is the evidence map, broadcast to the input: 1 - m for deletion, m for
-    preservation. ``explain`` returns the mask and the score curve as well.
+    preservation. A warning is given for a sample whose map is all zero. ``explain`` returns the
+    mask and the score curve (the raw score s of the composed input per step) as well.
     """
 
     name = "meaningful_perturbation"
 
-    def __init__(self, model, mode: str = "deletion", perturbation: str = "blur", steps: int = 300,
+    def __init__(self, model, mode: str = "deletion", perturbation: str = "blur", steps: int = 100,
                  lr: float = 0.1, l1_coeff: float = 1.0, tv_coeff: float = 1.0, tv_beta: float = 3.0,
                  mask_scale: int = 8, jitter: int = 4, blur_sigma: float = 10.0, noise_std: float = 0.2,
-                 constant: float = 0.0, score: str = "probability", seed: int | None = None):
+                 constant: float = 0.0, score: str = "probability", seed: int | None = None, progress=None):
         super().__init__(model)
         self.mode = choice("mode", mode, ("deletion", "preservation"))
         self.perturbation = choice("perturbation", perturbation, ("blur", "noise", "constant"))
@@ -167,15 +180,34 @@ class MeaningfulPerturbation(AttributionMethod):
         self.constant = number("constant", constant, minimum=-float("inf"))
         self.score = choice("score", score, ("probability", "log_probability", "logit"))
         self.seed = None if seed is None else positive_int("seed", seed, minimum=0)
+        self.progress = tri_state("progress", progress)
 
-    def _class_score(self, output, weights):
+    def _class_score(self, output, weights, log_space: bool):
+        """(the raw score, what the objective normalises) per sample. With ``log_space`` the second
+        is log sum_c w_c p_c, exact even where the probability underflows."""
         if self.score == "logit":
-            return score(output, weights)
+            raw = score(output, weights)
+            return raw, raw
         if output.ndim != 2:
             raise ValueError(f"score={self.score!r} needs a classifier output [N, classes], got "
                              f"{tuple(output.shape)}; use score='logit'")
         log_p = output.log_softmax(1)
-        return score(log_p.exp() if self.score == "probability" else log_p, weights)
+        if self.score == "log_probability":
+            raw = score(log_p, weights)
+            return raw, raw
+        if log_space:
+            log_score = torch.logsumexp(log_p + weights.log(), 1)
+            return log_score.exp(), log_score
+        raw = score(log_p.exp(), weights)
+        return raw, raw
+
+    def _objective_score(self, used, clean_used, log_space: bool):
+        """The class term of the loss: for the probability, relative to the clean input."""
+        if self.score != "probability":
+            return used
+        if log_space:
+            return (used - clean_used).exp()                       # p(perturbed) / p(x)
+        return used / clean_used.abs().clamp(min=1e-30)
 
     def _explain(self, model, x, target):
         tabular = x.ndim == 2
@@ -185,6 +217,10 @@ class MeaningfulPerturbation(AttributionMethod):
         with torch.no_grad():
             output = model(x)
         weights = target_weights(output, target)
+        # non-negative weights (a class index, one-hot): the probability ratio is taken in log space
+        log_space = self.score == "probability" and bool((weights >= 0).all() and (weights.sum(1) > 0).all())
+        with torch.no_grad():
+            clean_raw, clean_used = self._class_score(output, weights, log_space)
         gen = generator(self.seed, x.device)
         full = x.shape[1:] if tabular else x.shape[2:]
         low_res = full if tabular else tuple(max(1, -(-s // self.mask_scale)) for s in full)
@@ -195,33 +231,53 @@ class MeaningfulPerturbation(AttributionMethod):
         value_range = per_sample_range(x)
         mask_dims = tuple(range(1, mask.ndim)) if tabular else tuple(range(2, mask.ndim))
         optimizer = torch.optim.Adam([mask], lr=self.lr)
+        sign = 1.0 if self.mode == "deletion" else -1.0
         curve = []
-        with torch.enable_grad():
-            for _ in range(self.steps):
-                upsampled = self._upsample(mask, full, tabular)
-                if self.perturbation == "noise":
-                    noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-                    perturbed = x + self.noise_std * value_range * noise
-                composed = x * upsampled + perturbed * (1 - upsampled)
-                composed = self._jitter(composed, gen, tabular)
-                class_score = self._class_score(model(composed), weights)
-                area = (1 - mask) if self.mode == "deletion" else mask
-                sign = 1.0 if self.mode == "deletion" else -1.0
-                loss = (self.l1_coeff * area.flatten(1).mean(1)
-                        + self.tv_coeff * total_variation(mask, self.tv_beta, mask_dims)
-                        + sign * class_score)
-                # samples are independent: their losses just add. Only the mask is differentiated,
-                # so no gradient reaches (or is written to) the model's parameters.
-                (mask.grad,) = torch.autograd.grad(loss.sum(), mask)
-                optimizer.step()
-                with torch.no_grad():
-                    mask.clamp_(0, 1)
-                curve.append(class_score.detach())
+        bar = progress_bar(self.steps, self.progress, "meaningful perturbation", unit="step")
+        try:
+            with torch.enable_grad():
+                for _ in range(self.steps):
+                    upsampled = self._upsample(mask, full, tabular)
+                    if self.perturbation == "noise":
+                        noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+                        perturbed = x + self.noise_std * value_range * noise
+                    composed = x * upsampled + perturbed * (1 - upsampled)
+                    composed = self._jitter(composed, gen, tabular)
+                    raw, used = self._class_score(model(composed), weights, log_space)
+                    area = (1 - mask) if self.mode == "deletion" else mask
+                    loss = (self.l1_coeff * area.flatten(1).mean(1)
+                            + self.tv_coeff * total_variation(mask, self.tv_beta, mask_dims)
+                            + sign * self._objective_score(used, clean_used, log_space))
+                    # samples are independent: their losses just add. Only the mask is differentiated,
+                    # so no gradient reaches (or is written to) the model's parameters.
+                    (mask.grad,) = torch.autograd.grad(loss.sum(), mask)
+                    optimizer.step()
+                    with torch.no_grad():
+                        mask.clamp_(0, 1)
+                    curve.append(raw.detach())
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(score=f"{float(raw.detach().mean()):.4g}", refresh=False)
+        finally:
+            if bar is not None:
+                bar.close()
         with torch.no_grad():
             final = self._upsample(mask.detach(), full, tabular)
         evidence = 1 - final if self.mode == "deletion" else final
+        self._warn_if_empty(evidence, clean_raw)
         relevance = evidence.expand_as(x).clone()
         return MaskAttribution(relevance, output, score(output, weights), final, torch.stack(curve))
+
+    def _warn_if_empty(self, evidence, clean_raw):
+        empty = (evidence.flatten(1).amax(1) <= 1e-6).nonzero().flatten().tolist()
+        if not empty:
+            return
+        what = ("no deletion lowered the class score by more than its area and smoothness cost"
+                if self.mode == "deletion" else "no region kept enough of the class score to pay for its area")
+        scores = ", ".join(f"{float(clean_raw[i]):.3g}" for i in empty[:5])
+        warnings.warn(f"meaningful perturbation: the map of sample(s) {empty[:5]}{'...' if len(empty) > 5 else ''} "
+                      f"is all zero: {what} (clean {self.score}: {scores}); try a smaller l1_coeff or tv_coeff, "
+                      "more steps or a larger lr", stacklevel=3)
 
     @staticmethod
     def _upsample(mask, full, tabular):

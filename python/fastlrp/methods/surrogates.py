@@ -4,50 +4,135 @@ and KernelSHAP. Formulas and citations in docs/methods.md."""
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from .._common.optional import require
-from .._common.validate import number, positive_int, tri_state
+from .._common.validate import choice, number, positive_int, tri_state
 from ._common import (Attribution, gaussian_blur, generator, progress_bar, sample_shape_tensor, score,
                       target_weights)
 from .base import AttributionMethod
 
 
-def slic_segments(image: torch.Tensor, n_segments: int, compactness: float) -> torch.Tensor:
-    """SLIC superpixels (Achanta et al. 2012, scikit-image) of one image [C, H, W]."""
-    slic = require("skimage.segmentation", "methods",
-                   "superpixels (LIME, KernelSHAP without segments=...)").slic
+SEGMENTATIONS = ("slic", "quickshift", "grid")
+
+
+def _unit_range(image: torch.Tensor):
+    """One image [C, *spatial] as a float64 numpy array, channels last, scaled to [0, 1] by its
+    own minimum and maximum (so the segmentation does not depend on the input's normalisation)."""
     array = image.detach().to("cpu", torch.float64)
-    # scaled to [0, 1] so that compactness means the same for every input range
     array = (array - array.min()) / (array.max() - array.min()).clamp(min=1e-12)
-    labels = slic(array.movedim(0, -1).numpy(), n_segments=n_segments, compactness=compactness,
-                  start_label=0, channel_axis=-1, convert2lab=False)
-    return torch.from_numpy(labels).to(image.device)
+    return array.movedim(0, -1).numpy()
+
+
+def slic_segments(image: torch.Tensor, n_segments: int = 50, compactness: float = 0.3) -> torch.Tensor:
+    """SLIC superpixels (Achanta et al. 2012, scikit-image) of one image [C, *spatial] with 1-3
+    spatial dimensions. The image is scaled to [0, 1] first and segmented without a Lab
+    conversion (any channel count works); ``compactness`` weighs position against value on that
+    [0, 1] scale (0.3 gives superpixels about as irregular as scikit-image's default
+    of 10 on Lab's 0-100 scale)."""
+    slic = require("skimage.segmentation", "methods", "superpixels (LIME, KernelSHAP)").slic
+    array = _unit_range(image)
+    line = array.ndim == 2  # one spatial dimension: segment it as an image one pixel wide
+    if line:
+        array = array[:, None, :]
+    labels = slic(array, n_segments=n_segments, compactness=compactness, start_label=0, channel_axis=-1,
+                  convert2lab=False, enforce_connectivity=True)
+    if line:
+        labels = labels[:, 0]
+    return torch.from_numpy(labels.astype("int64")).to(image.device)
+
+
+def quickshift_segments(image: torch.Tensor, kernel_size: float = 4.0, max_dist: float = 200.0,
+                        ratio: float = 0.2) -> torch.Tensor:
+    """Quickshift superpixels (Vedaldi and Soatto 2008, scikit-image) of one 2D image [C, H, W],
+    with LIME's settings. The image is scaled to [0, 100] (the range of Lab's lightness, for which
+    these settings were made) without a Lab conversion, so any channel count works."""
+    quickshift = require("skimage.segmentation", "methods", "quickshift superpixels (LIME, KernelSHAP)").quickshift
+    if image.ndim != 3:
+        raise ValueError(f"segments='quickshift' needs 2D images [N, C, H, W]; got a sample of shape "
+                         f"{tuple(image.shape)} (use 'slic' or 'grid')")
+    labels = quickshift(100.0 * _unit_range(image), kernel_size=kernel_size, max_dist=max_dist, ratio=ratio,
+                        convert2lab=False, channel_axis=-1)
+    _, dense = torch.unique(torch.from_numpy(labels.astype("int64")), return_inverse=True)
+    return dense.to(image.device)
+
+
+def grid_segments(shape, n_segments: int, device=None) -> torch.Tensor:
+    """A regular grid of about ``n_segments`` boxes over the spatial ``shape`` (cells as close to
+    square as the shape allows)."""
+    shape = tuple(int(s) for s in shape)
+    per_cell = math.prod(shape) / n_segments  # positions per cell
+    side = per_cell ** (1 / len(shape))
+    counts = [max(1, min(size, round(size / side))) for size in shape]
+    labels = torch.zeros(shape, dtype=torch.int64, device=device)
+    for axis, (size, count) in enumerate(zip(shape, counts)):
+        index = torch.arange(size, device=device) * count // size  # which cell along this axis
+        view = [1] * len(shape)
+        view[axis] = size
+        labels = labels * count + index.reshape(view)
+    return labels
+
+
+def _skimage_available() -> bool:
+    try:
+        import skimage.segmentation  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class _FeatureGroups:
     """Which interpretable feature each input position belongs to, per sample.
 
-    segments: None (images: SLIC superpixels; [N, features] inputs: one group per feature), a
-        label tensor over the spatial (or feature) dimensions, shared ([*spatial]) or per sample
-        ([N, *spatial]), or a callable mapping one sample to such labels.
+    segments: None or "slic" (images: SLIC superpixels, or a regular grid with a warning when
+        scikit-image is missing; [N, features] inputs: one group per feature), "quickshift"
+        (2D images), "grid" (a regular grid of about n_segments boxes), a label tensor over the
+        spatial (or feature) dimensions, shared ([*spatial]) or per sample ([N, *spatial]), or a
+        callable mapping one sample to such labels.
     """
 
     def __init__(self, segments, n_segments: int, compactness: float):
-        if segments is not None and not (isinstance(segments, torch.Tensor) or callable(segments)):
-            raise TypeError(f"segments must be None, a label tensor or a callable, got {type(segments).__name__}")
+        if isinstance(segments, str):
+            choice("segments", segments, SEGMENTATIONS)
+        elif segments is not None and not (isinstance(segments, torch.Tensor) or callable(segments)):
+            raise TypeError(f"segments must be None, one of {list(SEGMENTATIONS)}, a label tensor or a callable, "
+                            f"got {type(segments).__name__}")
         self.segments = segments
         self.n_segments = positive_int("n_segments", n_segments, minimum=2)
         self.compactness = number("compactness", compactness, strict=True)
 
+    def _segment(self, sample: torch.Tensor) -> torch.Tensor:
+        how = "slic" if self.segments is None else self.segments
+        if how == "slic" and not _skimage_available():
+            warnings.warn("scikit-image is not installed, so LIME/KernelSHAP use a regular grid of about "
+                          f"{self.n_segments} boxes instead of SLIC superpixels; for superpixels that follow "
+                          "the image: pip install 'fastlrp[methods]'", stacklevel=5)
+            how = "grid"
+        if how == "slic":
+            # On a small, noisy image a low compactness can let SLIC's connectivity step merge
+            # everything into one segment; then position gets more weight, and last the grid.
+            for compactness in (self.compactness, 10 * self.compactness, 100 * self.compactness):
+                labels = slic_segments(sample, self.n_segments, compactness)
+                if int(labels.max()) >= 1:
+                    return labels
+            how = "grid"
+        if how == "quickshift":
+            return quickshift_segments(sample)
+        return grid_segments(sample.shape[1:], self.n_segments, sample.device)
+
     def labels(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """Labels 0..M-1 of sample i over its spatial (or feature) positions."""
         shape = x.shape[1:] if x.ndim == 2 else x.shape[2:]
-        if self.segments is None:
-            raw = (torch.arange(shape[0], device=x.device) if x.ndim == 2
-                   else slic_segments(x[i], self.n_segments, self.compactness))
+        if x.ndim == 2 and self.segments is None:
+            raw = torch.arange(shape[0], device=x.device)
+        elif self.segments is None or isinstance(self.segments, str):
+            if x.ndim == 2:
+                raise ValueError(f"segments={self.segments!r} needs spatial inputs [N, C, *spatial]; for "
+                                 "[N, features] pass None (one feature each) or integer labels")
+            raw = self._segment(x[i])
         elif isinstance(self.segments, torch.Tensor):
             raw = self.segments[i] if self.segments.shape == (x.shape[0],) + tuple(shape) else self.segments
         else:
@@ -166,8 +251,14 @@ class LIME(_Surrogate):
     kernel_width: the proximity kernel exp(-d^2 / kernel_width^2) over the cosine distance d between
         the coalition and the full input (LIME's image default 0.25).
     ridge: the L2 penalty of the surrogate (1.0 as LIME's default regressor).
-    segments, n_segments, compactness: interpretable features (see _FeatureGroups: SLIC superpixels
-        by default for images, needs scikit-image).
+    segments: the interpretable features. Images: None or "slic" (default; SLIC superpixels of
+        each image scaled to [0, 1], needs scikit-image, else a regular grid with a warning),
+        "quickshift" (LIME's own segmentation, 2D), "grid" (about n_segments boxes); or integer
+        labels over the spatial positions ([*spatial] shared, [N, *spatial] per sample), or a
+        callable mapping one sample [C, *spatial] to such labels. [N, features]: one feature per
+        column unless labels are given.
+    n_segments, compactness: SLIC's number of superpixels and weight of position against value
+        (on the [0, 1] scale; larger is squarer). n_segments also sizes the grid.
     baseline: what a switched-off feature becomes: a number, a tensor or "blur" (``blur_sigma``).
     batch_size, seed, progress: forward passes, reproducibility, tqdm bar.
     """
@@ -175,7 +266,7 @@ class LIME(_Surrogate):
     name = "lime"
 
     def __init__(self, model, n_samples: int = 1000, kernel_width: float = 0.25, ridge: float = 1.0,
-                 segments=None, n_segments: int = 50, compactness: float = 10.0, baseline=0.0,
+                 segments=None, n_segments: int = 50, compactness: float = 0.3, baseline=0.0,
                  blur_sigma: float = 5.0, batch_size: int = 64, seed: int | None = None, progress=None):
         super().__init__(model, segments, n_segments, compactness, baseline, blur_sigma, batch_size, seed, progress)
         self.n_samples = positive_int("n_samples", n_samples, minimum=2)
@@ -217,7 +308,7 @@ class KernelSHAP(_Surrogate):
     name = "kernel_shap"
 
     def __init__(self, model, n_samples: int = 2048, segments=None, n_segments: int = 50,
-                 compactness: float = 10.0, baseline=0.0, blur_sigma: float = 5.0, batch_size: int = 64,
+                 compactness: float = 0.3, baseline=0.0, blur_sigma: float = 5.0, batch_size: int = 64,
                  seed: int | None = None, progress=None):
         super().__init__(model, segments, n_segments, compactness, baseline, blur_sigma, batch_size, seed, progress)
         self.n_samples = positive_int("n_samples", n_samples, minimum=2)
