@@ -56,6 +56,8 @@ class GradientTimesInput(_GradientFamily):
 
 def _chunked_gradients(model, inputs: torch.Tensor, weights: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Gradients of many inputs, at most batch_size per forward/backward pass (the memory bound)."""
+    if inputs.shape[0] == 0:  # an empty batch: nothing to differentiate, torch.cat needs one piece
+        return torch.zeros_like(inputs)
     grads = [input_gradient(model, inputs[i:i + batch_size], weights[i:i + batch_size])[0]
              for i in range(0, inputs.shape[0], batch_size)]
     return torch.cat(grads)

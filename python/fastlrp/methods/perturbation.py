@@ -98,7 +98,7 @@ class Occlusion(AttributionMethod):
         finally:
             if bar is not None:
                 bar.close()
-        drops = torch.stack(drops)  # [N, P]
+        drops = torch.stack(drops) if drops else x.new_zeros((0, len(positions)))  # [N, P]
         coverage = masks.flatten(1).sum(0).to(x.dtype)
         per_position = (drops @ masks.flatten(1).to(x.dtype)) / coverage  # mean drop of covering windows
         relevance = per_position.reshape((x.shape[0],) + masks.shape[1:])
@@ -233,10 +233,12 @@ class MeaningfulPerturbation(AttributionMethod):
         optimizer = torch.optim.Adam([mask], lr=self.lr)
         sign = 1.0 if self.mode == "deletion" else -1.0
         curve = []
-        bar = progress_bar(self.steps, self.progress, "meaningful perturbation", unit="step")
+        # an empty batch has no mask to optimize: skip the steps (its curve is [steps, 0])
+        steps = self.steps if x.shape[0] else 0
+        bar = progress_bar(steps, self.progress, "meaningful perturbation", unit="step")
         try:
             with torch.enable_grad():
-                for _ in range(self.steps):
+                for _ in range(steps):
                     upsampled = self._upsample(mask, full, tabular)
                     if self.perturbation == "noise":
                         noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
@@ -266,7 +268,8 @@ class MeaningfulPerturbation(AttributionMethod):
         evidence = 1 - final if self.mode == "deletion" else final
         self._warn_if_empty(evidence, clean_raw)
         relevance = evidence.expand_as(x).clone()
-        return MaskAttribution(relevance, output, score(output, weights), final, torch.stack(curve))
+        curve = torch.stack(curve) if curve else x.new_zeros((self.steps, 0))
+        return MaskAttribution(relevance, output, score(output, weights), final, curve)
 
     def _warn_if_empty(self, evidence, clean_raw):
         empty = (evidence.flatten(1).amax(1) <= 1e-6).nonzero().flatten().tolist()

@@ -210,7 +210,8 @@ class _Surrogate(AttributionMethod):
             all_weights.append(coef)
             intercepts.append(intercept)
             all_labels.append(labels)
-        return SurrogateAttribution(relevance, output, explained, all_weights, torch.stack(intercepts), all_labels)
+        intercepts = torch.stack(intercepts) if intercepts else x.new_zeros(0)  # an empty batch: no fits
+        return SurrogateAttribution(relevance, output, explained, all_weights, intercepts, all_labels)
 
     def _values(self, model, sample, fill, labels, coalitions, weights) -> torch.Tensor:
         """Scores of the sample with the features outside each coalition set to the baseline."""
