@@ -737,3 +737,243 @@ def test_missing_extra_names_the_pip_command(tmp_path, capsys, monkeypatch, comm
     target.mkdir()
     code, out, err = run_cli(capsys, command, target, "--model", TINY, "--out", tmp_path / "o.mp4")
     assert_one_line_error(code, out, err, f'pip install "fastlrp[{extra}]"')
+
+
+# --- reliability (issue 16): file safety, resume by content, early validation, memory, NaN ---------
+
+def test_dataset_size_resizes_mixed_sizes_before_stacking(tmp_path, capsys):
+    pytest.importorskip("h5py")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    write_image(mixed / "a.png", size=(16, 16), seed=1)
+    write_image(mixed / "b.png", size=(12, 20), seed=2)
+    code, printed, err = run_cli(capsys, "dataset", mixed, "--model", TINY, "--out", tmp_path / "o.h5", "--size", "8",
+                                 "--batch-size", "2")
+    assert code == 0, err
+    data, _ = read_h5(tmp_path / "o.h5")
+    assert data["relevance"].shape == (2, 8, 8) and np.isfinite(data["relevance"]).all()
+
+
+def test_video_refuses_its_input_as_output_and_keeps_an_earlier_output(tmp_path, capsys, monkeypatch):
+    source = write_video(tmp_path / "in.mp4", frames=4, size=(16, 16))
+    original = source.read_bytes()
+    (tmp_path / "link.mp4").symlink_to(source)
+    monkeypatch.chdir(tmp_path)
+    for out in (source, tmp_path / "link.mp4", Path("in.mp4"), Path("sub/../in.mp4")):
+        if "sub" in str(out):
+            (tmp_path / "sub").mkdir(exist_ok=True)
+        assert_one_line_error(*run_cli(capsys, "video", source, "--model", TINY, "--out", out), "--out",
+                              "is the input file", "choose another --out")
+    assert source.read_bytes() == original
+    # A good output, then a run that fails midway: the good one stays, no partial file is left.
+    out = tmp_path / "out.mp4"
+    assert run_cli(capsys, "video", source, "--model", TINY, "--out", out, "--batch-size", "2")[0] == 0
+    good = out.read_bytes()
+    from fastlrp.apps.pipelines import common
+
+    calls = []
+    real = common.Explainer.explain
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("simulated failure in the second batch")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(common.Explainer, "explain", failing)
+    assert_one_line_error(*run_cli(capsys, "video", source, "--model", TINY, "--out", out, "--batch-size", "2"),
+                          "simulated failure")
+    assert out.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "link.mp4", "out.mp4", "sub"]
+
+
+def test_volume_refuses_its_input_as_output_and_keeps_an_earlier_output(tmp_path, capsys, monkeypatch):
+    nib = pytest.importorskip("nibabel")
+    data = np.random.default_rng(0).normal(size=(6, 6, 6)).astype(np.float32)
+    source = tmp_path / "in.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), source)
+    original = source.read_bytes()
+    model = ["--model", "cli_tiny_models:tiny_volume_cnn"]
+    monkeypatch.chdir(tmp_path)
+    for args in (["--out", source], ["--out", "in.nii.gz"], ["--out", tmp_path / "r.nii.gz", "--png", source]):
+        assert_one_line_error(*run_cli(capsys, "volume", source, *model, *args), "is the input file")
+    assert source.read_bytes() == original
+    out = tmp_path / "r.nii.gz"
+    assert run_cli(capsys, "volume", source, *model, "--out", out)[0] == 0
+    good = out.read_bytes()
+    def half_written(image, path):  # a writer that fails midway
+        Path(path).write_bytes(b"half")
+        raise ValueError("simulated failure while writing")
+
+    monkeypatch.setattr(nib, "save", half_written)
+    assert_one_line_error(*run_cli(capsys, "volume", source, *model, "--out", out), "simulated failure")
+    assert out.read_bytes() == good
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def test_dataset_resume_refuses_replaced_weights_of_the_same_size(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("h5py")
+    from cli_tiny_models import tiny_cnn
+    from fastlrp.apps.pipelines import dataset
+
+    folder = make_image_folder(tmp_path / "images", per_class=2, size=(8, 8))
+    weights = tmp_path / "w.pt"
+    model_a = tiny_cnn()
+    torch.save(model_a.state_dict(), weights)
+    size_a = weights.stat().st_size
+    out = tmp_path / "o.h5"
+    args = ["dataset", folder, "--model", TINY, "--weights", weights, "--out", out, "--batch-size", "2"]
+    real = dataset.target_indices
+    calls = []
+
+    def fail_second(*a, **k):  # the run stops after its first batch is on disk
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("simulated failure")
+        return real(*a, **k)
+
+    monkeypatch.setattr(dataset, "target_indices", fail_second)
+    assert_one_line_error(*run_cli(capsys, *args), "simulated failure")
+    monkeypatch.setattr(dataset, "target_indices", real)
+    shard = out.with_name("o.h5.part0-of-1")
+    assert read_h5(shard)[0]["done"].sum() == 2
+    # Other weights written to the same path, with the same size: resuming would mix two models.
+    model_b = tiny_cnn()
+    with torch.no_grad():
+        for p in model_b.parameters():
+            p.mul_(-1)
+    torch.save(model_b.state_dict(), weights)
+    assert weights.stat().st_size == size_a
+    assert_one_line_error(*run_cli(capsys, *args), "other weights", "delete o.h5.part0-of-1")
+    assert not out.exists() and shard.exists()
+    torch.save(model_a.state_dict(), weights)  # the original weights back: the run resumes
+    code, printed, err = run_cli(capsys, *args)
+    assert code == 0 and "2 explained here, 2 already done" in printed, err
+
+
+def test_decompression_bomb_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the 20x24 image counts as a bomb (> 2 x 100)
+    image = write_image(tmp_path / "big.png")
+    assert_one_line_error(*run_cli(capsys, "explain", image, "--model", TINY, "--out", tmp_path / "o"),
+                          str(image), "--max-pixels")
+    code, _, err = run_cli(capsys, "explain", image, "--model", TINY, "--out", tmp_path / "o", "--max-pixels", "1000")
+    assert code == 0, err
+    assert Image.MAX_IMAGE_PIXELS == 100  # the limit is only lifted for the run
+    if pytest.importorskip("h5py"):
+        folder = tmp_path / "folder"
+        folder.mkdir()
+        write_image(folder / "big.png")
+        assert_one_line_error(*run_cli(capsys, "dataset", folder, "--model", TINY, "--out", tmp_path / "o.h5"),
+                              "big.png", "--max-pixels")
+
+
+def test_dataset_validates_the_target_before_writing(tmp_path, capsys):
+    pytest.importorskip("h5py")
+    folder = make_image_folder(tmp_path / "images", per_class=2, size=(8, 8))
+    out = tmp_path / "o.h5"
+    assert_one_line_error(*run_cli(capsys, "dataset", folder, "--model", TINY, "--out", out, "--target", "99"),
+                          "--target 99", "3 classes")
+    assert list(tmp_path.iterdir()) == [tmp_path / "images"]  # no shard to block the rerun
+    code, printed, err = run_cli(capsys, "dataset", folder, "--model", TINY, "--out", out, "--target", "1")
+    assert code == 0, err
+
+
+def test_dataset_failed_run_removes_its_empty_shard(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("h5py")
+    from fastlrp.apps.pipelines import common
+
+    folder = make_image_folder(tmp_path / "images", per_class=2, size=(8, 8))
+
+    def failing(self, *args, **kwargs):
+        raise ValueError("simulated failure in the first batch")
+
+    monkeypatch.setattr(common.Explainer, "explain", failing)
+    assert_one_line_error(*run_cli(capsys, "dataset", folder, "--model", TINY, "--out", tmp_path / "o.h5"),
+                          "simulated failure")
+    assert list(tmp_path.iterdir()) == [tmp_path / "images"]
+
+
+def _oom_above(monkeypatch, limit, error):
+    """fastlrp.LRP.explain raising ``error`` for batches larger than ``limit``; returns the sizes tried."""
+    import fastlrp
+
+    real = fastlrp.LRP.explain
+    sizes = []
+
+    def explain(self, x, *args, **kwargs):
+        sizes.append(x.shape[0])
+        if x.shape[0] > limit:
+            raise error
+        return real(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(fastlrp.LRP, "explain", explain)
+    return sizes
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory: you tried to allocate 1"),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+])
+def test_explainer_halves_a_batch_that_does_not_fit(monkeypatch, error):
+    from cli_tiny_models import tiny_cnn
+    from fastlrp.apps.pipelines.common import Preprocessing, make_explainer
+
+    x = torch.rand(7, 3, 8, 8)
+    explainer = make_explainer(tiny_cnn(), None, Preprocessing(), 3)
+    whole = explainer.explain(x, 1)
+    sizes = _oom_above(monkeypatch, 2, error)
+    with pytest.warns(UserWarning, match="a batch of 7 did not fit in memory.*explained 2 at a time"):
+        parts = explainer.explain(x, 1)
+    assert sizes == [7, 4, 2, 2, 2, 1]
+    # the same samples through the same rules: equal up to float32 rounding of batch-size-dependent kernels
+    torch.testing.assert_close(parts.relevance, whole.relevance, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(parts.output, whole.output, rtol=1e-6, atol=1e-7)
+    sizes.clear()
+    explainer.explain(x[:4], torch.tensor([0, 1, 2, 0]))  # the next batch starts at the size that fitted
+    assert sizes == [2, 2]
+
+
+def test_cli_splits_batches_and_names_the_flag_when_one_sample_does_not_fit(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("h5py")
+    folder = make_image_folder(tmp_path / "images", per_class=3, size=(8, 8))
+    args = ["dataset", folder, "--model", TINY, "--batch-size", "6"]
+    assert run_cli(capsys, *args, "--out", tmp_path / "whole.h5")[0] == 0
+    _oom_above(monkeypatch, 2, RuntimeError("CUDA out of memory. Tried to allocate 1 GiB"))
+    with pytest.warns(UserWarning, match="a batch of 6 did not fit in memory.*explained 2 at a time") as caught:
+        code, printed, err = run_cli(capsys, *args, "--out", tmp_path / "split.h5")
+    assert code == 0, err
+    assert len([w for w in caught if "did not fit" in str(w.message)]) == 1  # reported once, not per batch
+    np.testing.assert_allclose(read_h5(tmp_path / "split.h5")[0]["relevance"],
+                               read_h5(tmp_path / "whole.h5")[0]["relevance"], rtol=1e-5, atol=1e-9)
+    _oom_above(monkeypatch, 0, RuntimeError("CUDA out of memory. Tried to allocate 1 GiB"))
+    assert_one_line_error(*run_cli(capsys, *args, "--out", tmp_path / "none.h5"), "does not fit in memory",
+                          "--size")
+
+
+def test_volume_with_a_nan_voxel_warns_or_raises(tmp_path, capsys):
+    nib = pytest.importorskip("nibabel")
+    data = np.random.default_rng(0).normal(size=(6, 6, 6)).astype(np.float32)
+    data[2, 3, 4] = np.nan
+    source = tmp_path / "in.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), source)
+    model = ["--model", "cli_tiny_models:tiny_volume_cnn"]
+    code, _, err = run_cli(capsys, "volume", source, *model, "--out", tmp_path / "r.nii.gz", "--nonfinite", "raise")
+    assert_one_line_error(code, _, err, str(source), "(2, 3, 4)", "NaN or Inf", "--nonfinite warn")
+    assert not (tmp_path / "r.nii.gz").exists() and not (tmp_path / "r_slices.png").exists()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, _, err = run_cli(capsys, "volume", source, *model, "--out", tmp_path / "r.nii.gz")
+    assert code == 0, err
+    messages = [str(w.message) for w in caught]
+    assert any(str(source) in m and "(2, 3, 4)" in m and "--nonfinite raise" in m for m in messages), messages
+    assert not [m for m in messages if "contain NaN" in m]  # the engine's own repeat is filtered
+    assert (tmp_path / "r_slices.png").exists()
+
+
+def test_nonfinite_option_on_every_explaining_command(capsys):
+    for command in ("explain", "video", "volume", "dataset"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "--nonfinite {warn,raise}" in capsys.readouterr().out, command

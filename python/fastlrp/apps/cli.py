@@ -87,7 +87,8 @@ def _model_args(args) -> dict:
     return {"model_spec": args.model, "weights": args.weights, "num_classes": args.num_classes,
             "composite": args.composite, "target": parse_target(args.target, allow_label=args.command == "dataset"),
             "device": args.device, "method": args.method, "layer": args.layer,
-            "passthrough": tuple(args.passthrough or ()), "method_options": parse_method_options(args.method_option)}
+            "passthrough": tuple(args.passthrough or ()), "method_options": parse_method_options(args.method_option),
+            "nonfinite": args.nonfinite}
 
 
 def _cmd_explain(args) -> int:
@@ -95,7 +96,7 @@ def _cmd_explain(args) -> int:
 
     summary = explain_images(args.images, size=args.size, normalize=args.normalize, convert=args.convert,
                              out_dir=args.out, cmap=args.cmap, alpha=args.alpha, percentile=args.percentile,
-                             batch_size=args.batch_size, **_model_args(args))
+                             batch_size=args.batch_size, max_pixels=args.max_pixels, **_model_args(args))
     for record in summary["images"]:
         print(f"{record['path']}: predicted {record['prediction']}, explained {record['target']} "
               f"(logit {record['target_logit']:.3f}) -> {record['overlay']}")
@@ -133,7 +134,7 @@ def _cmd_dataset(args) -> int:
     from .pipelines.dataset import explain_dataset
 
     summary = explain_dataset(args.dir, args.out, size=args.size, normalize=args.normalize, convert=args.convert,
-                              batch_size=args.batch_size, **_model_args(args))
+                              batch_size=args.batch_size, max_pixels=args.max_pixels, **_model_args(args))
     if summary["rank"] == 0:
         kind = f"ImageFolder with {len(summary['classes'])} classes" if summary["classes"] else "folder of images"
         print(f"{summary['n']} images ({kind}), {summary['explained']} explained here, {summary['skipped']} "
@@ -178,6 +179,9 @@ def _add_model_options(p, image_input: bool = True) -> None:
     p.add_argument("--target", default="pred", metavar="CLASS",
                    help="class to explain: pred (the predicted class, default) or a class index")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, default), cpu, cuda or cuda:N")
+    p.add_argument("--nonfinite", choices=("warn", "raise"), default="warn",
+                   help="input holding NaN or Inf (its relevance cannot be finite): warn naming it and go on "
+                        "(default), or raise: stop with an error before writing its output")
     if image_input:
         p.add_argument("--size", type=_positive_int, metavar="N", help="resize inputs to N x N before the model")
         p.add_argument("--normalize", choices=("auto", "imagenet", "kinetics", "none"), default="auto",
@@ -186,6 +190,22 @@ def _add_model_options(p, image_input: bool = True) -> None:
                             "models, none for factories)")
         p.add_argument("--convert", choices=("RGB", "L"),
                        help="convert inputs to colour (RGB) or grey (L) instead of taking their own channels")
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def _add_pixel_limit(p) -> None:
+    p.add_argument("--max-pixels", type=_non_negative_int, metavar="N",
+                   help="open images of up to N pixels (width x height; 0: no limit) where Pillow's guard against "
+                        "decompression bombs (about 179 million pixels) refuses a trusted large file")
 
 
 def _add_render_options(p, alpha: float = 0.6) -> None:
@@ -230,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_render_options(explain)
     explain.add_argument("--out", default="fastlrp-explain", help="output folder (default: ./fastlrp-explain)")
     explain.add_argument("--batch-size", type=_positive_int, default=8, help="images per batch (default: 8)")
+    _add_pixel_limit(explain)
     explain.set_defaults(func=_cmd_explain)
 
     video = commands.add_parser(
@@ -276,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(dataset)
     dataset.add_argument("--out", required=True, metavar="OUT.h5", help="output HDF5 file")
     dataset.add_argument("--batch-size", type=_positive_int, default=16, help="images per batch (default: 16)")
+    _add_pixel_limit(dataset)
     dataset.set_defaults(func=_cmd_dataset)
     for action in dataset._actions:  # dataset also knows the labels of an ImageFolder
         if action.dest == "target":
@@ -344,6 +366,16 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(err, UnsupportedLayerError):
             message = _cli_advice(message)
         print(f"fastlrp: error: {message}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        from .pipelines.common import is_out_of_memory
+
+        if show_traceback or not is_out_of_memory(err):
+            raise
+        # outside the explainer, which splits its batches itself: moving the model, a probe forward
+        detail = " ".join(str(err).split())[:160]
+        print(f"fastlrp: error: out of memory ({detail}); lower --batch-size or --size, or use --device cpu",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fastlrp: interrupted", file=sys.stderr)

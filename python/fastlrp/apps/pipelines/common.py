@@ -3,6 +3,9 @@ progress bars."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -101,22 +104,113 @@ class Explained:
     output: torch.Tensor
 
 
-class Explainer:
-    """One interface over ``fastlrp.LRP`` and ``fastlrp.methods``: ``explain(x, target)``."""
+NONFINITE = ("warn", "raise")
 
-    def __init__(self, method: str, impl):
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """True for the allocator's out-of-memory failures: CUDA's OutOfMemoryError, and the CPU's
+    RuntimeError (\"DefaultCPUAllocator: not enough memory\", \"out of memory\")."""
+    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(err, oom_type):
+        return True
+    if not isinstance(err, RuntimeError):
+        return False
+    text = str(err)
+    return "out of memory" in text or "not enough memory" in text or "DefaultCPUAllocator" in text
+
+
+class Explainer:
+    """One interface over ``fastlrp.LRP`` and ``fastlrp.methods``: ``explain(x, target)``.
+
+    Two safety nets around the method:
+
+    - samples holding NaN or Inf are named (by ``names`` where the pipeline gives them) in a
+      warning, or stop the run with a ValueError under ``nonfinite="raise"``;
+    - a batch that does not fit in memory is split in halves until the parts fit; the size that
+      worked is kept for the following batches (``batch_limit``) and reported once as a warning.
+      Samples are explained independently, so the parts give the unsplit batch's result. When a
+      single sample does not fit, a ValueError names ``memory_hint`` (the option that lowers memory).
+    """
+
+    def __init__(self, method: str, impl, nonfinite: str = "warn", memory_hint: str = ""):
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"--nonfinite must be one of {', '.join(NONFINITE)}, got {nonfinite!r}")
         self.method = method
         self.impl = impl
+        self.nonfinite = nonfinite
+        self.memory_hint = memory_hint
+        self.batch_limit: int | None = None  # largest batch known to fit, once one did not
 
-    def explain(self, x: torch.Tensor, target=None) -> Explained:
-        result = self.impl.explain(x, target)
+    def _check_finite(self, x: torch.Tensor, names) -> None:
+        if x.numel() == 0 or x.device.type == "meta":
+            return
+        bad = (~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)).nonzero().flatten().tolist()
+        if not bad:
+            return
+        labels = [str(names[k]) if names is not None and k < len(names) else f"sample {k}" for k in bad]
+        shown = ", ".join(labels[:5]) + (f" and {len(labels) - 5} more" if len(labels) > 5 else "")
+        if self.nonfinite == "raise":
+            raise ValueError(f"{shown}: input holds NaN or Inf, so its relevance cannot be finite; clean the "
+                             "input, or pass --nonfinite warn to write the non-finite relevance anyway")
+        warnings.warn(f"{shown}: input holds NaN or Inf, so its relevance is not finite (NaN); clean the input, "
+                      "or pass --nonfinite raise to stop on such input", stacklevel=3)
+
+    def _run(self, x: torch.Tensor, target):
+        with warnings.catch_warnings():
+            # the engine's own non-finite warning repeats ours in the library's terms
+            warnings.filterwarnings("ignore", message=".*contain NaN or Inf")
+            result = self.impl.explain(x, target)
         relevance = result.relevance
         if relevance.ndim == x.ndim - 1:  # a CAM map [N, *spatial]: give it a channel axis
             relevance = relevance.unsqueeze(1)
-        return Explained(relevance.detach(), result.output.detach())
+        return relevance.detach(), result.output.detach()
 
-    def __call__(self, x: torch.Tensor, target=None) -> torch.Tensor:
-        return self.explain(x, target).relevance
+    def _free(self, x: torch.Tensor) -> None:
+        if x.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _split_run(self, x: torch.Tensor, target, size: int):
+        """(relevance, output) of ``x`` explained ``size`` samples at a time, halving on OOM."""
+        n = x.shape[0]
+        while True:
+            try:
+                parts = []
+                for start in range(0, n, size):
+                    part_target = target
+                    if isinstance(target, torch.Tensor) and target.ndim > 0 and target.shape[0] == n:
+                        part_target = target[start:start + size]
+                    parts.append(self._run(x[start:start + size], part_target))
+                break
+            except Exception as err:
+                if not is_out_of_memory(err):
+                    raise
+                parts = None
+                self._free(x)
+                if size == 1:
+                    detail = " ".join(str(err).split())[:160]
+                    raise ValueError(f"a single {self.method} input of shape {tuple(x.shape[1:])} does not fit in "
+                                     f"memory on {x.device} ({detail}); {self.memory_hint or 'use smaller inputs'}"
+                                     ) from None
+                size = (size + 1) // 2  # halves, rounded up: 7 -> 4 -> 2 -> 1
+        if size < n and size != self.batch_limit:
+            warnings.warn(f"a batch of {n} did not fit in memory on {x.device}; explained {size} at a time "
+                          "(the result is the same; a smaller --batch-size skips the retries)", stacklevel=4)
+        if size < n:
+            self.batch_limit = size
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def explain(self, x: torch.Tensor, target=None, names=None) -> Explained:
+        """``names``: a label per sample (a file, a frame range) for the non-finite message."""
+        self._check_finite(x, names)
+        n = x.shape[0] if x.ndim else 1
+        size = min(n, self.batch_limit) if self.batch_limit else n
+        relevance, output = self._split_run(x, target, max(size, 1))
+        return Explained(relevance, output)
+
+    def __call__(self, x: torch.Tensor, target=None, names=None) -> torch.Tensor:
+        return self.explain(x, target, names).relevance
 
 
 def method_names() -> list:
@@ -126,10 +220,12 @@ def method_names() -> list:
 
 
 def check_method(method: str = "lrp", composite: str | None = None, layer: str | None = None,
-                 passthrough: Sequence = (), method_options: dict | None = None) -> None:
+                 passthrough: Sequence = (), method_options: dict | None = None, nonfinite: str = "warn") -> None:
     """One-line errors for a method name and the options given with it, before any model is built."""
     from ... import composites
 
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"--nonfinite must be one of {', '.join(NONFINITE)}, got {nonfinite!r}")
     if method not in method_names():
         raise ValueError(f"unknown --method {method!r}; choose one of {', '.join(method_names())}")
     if composite is not None:
@@ -184,8 +280,8 @@ def resolve_passthrough(model, items: Sequence) -> tuple:
 
 
 def make_explainer(model, composite: str | None, prep: Preprocessing, channels: int, method: str = "lrp",
-                   layer: str | None = None, passthrough: Sequence = (), method_options: dict | None = None
-                   ) -> Explainer:
+                   layer: str | None = None, passthrough: Sequence = (), method_options: dict | None = None,
+                   nonfinite: str = "warn", memory_hint: str = "") -> Explainer:
     """The pipelines' explainer: ``fastlrp.LRP`` with ``composite`` (default epsilon_plus) for
     ``method="lrp"``, else the method of ``fastlrp.methods`` with ``method_options``; CAM maps are
     upsampled to the input, box bounds come from the scaling."""
@@ -193,7 +289,7 @@ def make_explainer(model, composite: str | None, prep: Preprocessing, channels: 
     from ... import methods
     from ...engine import UnsupportedLayerError
 
-    check_method(method, composite, layer, passthrough, method_options)
+    check_method(method, composite, layer, passthrough, method_options, nonfinite)
     options = dict(method_options or {})
     resolved = resolve_passthrough(model, passthrough)
     if resolved:
@@ -202,6 +298,7 @@ def make_explainer(model, composite: str | None, prep: Preprocessing, channels: 
         composite = composite or "epsilon_plus"
         if "box" in composite:  # box rules need the input domain, which the scaling decides
             options = {**prep.box_bounds(channels), **options}
+        options.setdefault("nonfinite", nonfinite)
         build = lambda: fastlrp.LRP(model, composite=composite, **options)  # noqa: E731
     else:
         if method == "deep_taylor" and options.get("input_rule", "zb") == "zb":
@@ -212,7 +309,7 @@ def make_explainer(model, composite: str | None, prep: Preprocessing, channels: 
                 options["layer"] = layer
         build = lambda: methods.get(method, model, **options)  # noqa: E731
     try:
-        return Explainer(method, build())
+        return Explainer(method, build(), nonfinite, memory_hint)
     except UnsupportedLayerError:
         raise
     except TypeError as err:
@@ -297,10 +394,77 @@ def check_input_file(path: Path, what: str) -> Path:
     return path
 
 
+# --- files: never overwrite an input, never leave half an output ----------------------------
+
+def _same_file(a: Path, b: Path) -> bool:
+    a, b = Path(a), Path(b)
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)  # also through symlinks, hard links and relative paths
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def refuse_input_as_output(out: Path, inputs: Sequence, flag: str = "--out") -> None:
+    """ValueError when ``out`` is one of ``inputs`` (the same file by any path): writing it would
+    destroy the input while it is being read."""
+    for source in inputs:
+        if _same_file(out, source):
+            raise ValueError(f"{flag} {out} is the input file {source}; writing it would destroy the input: "
+                             f"choose another {flag}")
+
+
+def temporary_name(path: Path) -> Path:
+    """A name next to ``path`` (same folder, so the final rename is atomic; same suffix, so
+    writers that pick the format from it still do)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.fastlrp-{os.getpid()}-partial{''.join(path.suffixes[-2:])}"
+                          if path.suffixes else f".{path.name}.fastlrp-{os.getpid()}-partial")
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path):
+    """Yields a temporary path in ``path``'s folder to write to; on success it replaces ``path``
+    in one rename, on failure it is removed and an earlier ``path`` is left as it was."""
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
 def _damaged(path: Path, err: Exception) -> ValueError:
     detail = " ".join(str(err).split()) or type(err).__name__
     return ValueError(f"cannot read image {path} ({detail}): the file is cut short or damaged; replace it or "
                       "leave it out")
+
+
+def _too_large(path: Path, err: Exception) -> ValueError:
+    return ValueError(f"image {path} is too large to open safely ({' '.join(str(err).split())}); if the file is "
+                      "trusted, allow it with --max-pixels N (N at least its width x height, 0 for no limit)")
+
+
+@contextlib.contextmanager
+def pixel_limit(max_pixels: int | None):
+    """Pillow's decompression-bomb limit set to ``max_pixels`` (0: none) for the block; None keeps
+    Pillow's default. The limit Pillow errors at is twice its MAX_IMAGE_PIXELS: set it to half."""
+    from PIL import Image
+
+    if max_pixels is None:
+        yield
+        return
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None if max_pixels == 0 else max(1, max_pixels // 2)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the user allowed this size
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def _open(path: Path):
@@ -309,6 +473,8 @@ def _open(path: Path):
     path = check_input_file(path, "an image file")
     try:
         return Image.open(path)
+    except Image.DecompressionBombError as err:
+        raise _too_large(path, err) from None
     except UnidentifiedImageError:
         raise ValueError(f"cannot read {path}: not an image file Pillow understands (PNG, JPEG, ...)") from None
     except (OSError, SyntaxError, EOFError) as err:  # Pillow's "Truncated File Read" and kin name no file
@@ -319,9 +485,15 @@ def _open(path: Path):
 
 def load_image(path: Path, channels: int) -> torch.Tensor:
     """[C, H, W] float32 in [0, 1] with C = ``channels`` (1: grey, 3: RGB)."""
+    from PIL import Image
+
     try:
         with _open(path) as image:
             pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
+    except ValueError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise _too_large(path, err) from None
     except (OSError, SyntaxError, EOFError) as err:
         if isinstance(err, (FileNotFoundError, IsADirectoryError, PermissionError)):
             raise

@@ -33,8 +33,8 @@ import torch
 
 from .. import models
 from ...extras import require
-from .common import (IMAGE_SUFFIXES, check_method, chunks, convert_fix, image_channels, load_image, make_explainer,
-                     preprocessing, progress, target_indices)
+from .common import (IMAGE_SUFFIXES, _open, check_method, chunks, convert_fix, image_channels, load_image,
+                     make_explainer, pixel_limit, preprocessing, progress, target_indices)
 
 LAYOUT_VERSION = 1
 # For tests only: the process kills itself after this many batches, as a crash would.
@@ -64,17 +64,12 @@ def scan(root: Path) -> tuple[list, list, list]:
 
 def common_size(root: Path, paths: list, size: int | None) -> tuple[int, int]:
     """(H, W) every image will have: --size, or the one size all images share."""
-    from PIL import Image, UnidentifiedImageError
-
     if size is not None:
         return size, size
     first = None
     for path in paths:
-        try:
-            with Image.open(root / path) as image:  # reads the header only
-                w, h = image.size
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"cannot read {root / path}: {err}") from None
+        with _open(root / path) as image:  # reads the header only
+            w, h = image.size
         if first is None:
             first = (h, w, path)
         elif (h, w) != first[:2]:
@@ -100,13 +95,22 @@ def shard_path(out: Path, rank: int, world: int) -> Path:
     return out.with_name(f"{out.name}.part{rank}-of-{world}")
 
 
+def file_digest(path) -> str:
+    """SHA-256 of a file's bytes: what identifies a weights file, whatever its path, size or date."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _settings(root, paths, labels, model_spec, weights, num_classes, composite, target, hw, normalize, convert,
               explanation=None):
     digest = hashlib.sha1("\n".join(f"{p}\t{lab}" for p, lab in zip(paths, labels)).encode()).hexdigest()
     weights_id = None
     if weights is not None:
-        w = Path(weights).expanduser().absolute()
-        weights_id = [str(w), w.stat().st_size if w.exists() else None]
+        # by content: a file replaced at the same path (even with the same size) is another model
+        weights_id = "sha256:" + file_digest(Path(weights).expanduser())
     return json.dumps({"layout_version": LAYOUT_VERSION, "source": str(root), "n": len(paths), "items_sha1": digest,
                        "model": model_spec, "weights": weights_id, "num_classes": num_classes,
                        "composite": composite, "target": target, "size": list(hw), "normalize": normalize,
@@ -130,8 +134,13 @@ def _open_shard(h5py, path: Path, settings: str, positions: list, hw: tuple):
             raise ValueError(f"cannot reopen {path} to resume ({err}); it was probably cut off mid-write: "
                              "delete it to redo its items") from None
         if shard.attrs.get("settings") != settings:
-            diff = _describe_difference(shard.attrs.get("settings", "{}"), settings)
+            before = shard.attrs.get("settings", "{}")
             shard.close()
+            if json.loads(before).get("weights") != json.loads(settings).get("weights"):
+                raise ValueError(f"{path} was started with other weights (the --weights file's content differs "
+                                 "from the run being resumed); restore those weights to resume, or delete "
+                                 f"{path.name} to start over with these")
+            diff = _describe_difference(before, settings)
             raise ValueError(f"{path} holds a run with other settings ({diff}); rerun with the same "
                              "options to resume, or delete it to start over")
         return shard
@@ -173,16 +182,34 @@ def _merge(h5py, out: Path, world: int, n: int, hw: tuple, paths, labels, classe
 
 def explain_dataset(root, out, model_spec: str, weights=None, num_classes=None, composite=None,
                     target="pred", size=None, normalize="auto", convert=None, batch_size=16,
-                    device="auto", method="lrp", layer=None, passthrough=(), method_options=None) -> dict:
+                    device="auto", method="lrp", layer=None, passthrough=(), method_options=None,
+                    nonfinite="warn", max_pixels=None) -> dict:
     """Explain every image under ``root`` into the HDF5 file ``out`` (layout above); returns a summary.
-    ``method``, ``layer``, ``passthrough``, ``method_options``: as ``explain_images``.
+    ``method``, ``layer``, ``passthrough``, ``method_options``, ``nonfinite``, ``max_pixels``: as
+    ``explain_images``.
 
     Run under torchrun, every rank calls this; each explains its share, rank 0 merges.
     """
+    with pixel_limit(max_pixels):
+        return _explain_dataset(root, out, model_spec, weights, num_classes, composite, target, size, normalize,
+                                convert, batch_size, device, method, layer, passthrough, method_options, nonfinite)
+
+
+def _load_batch(root: Path, paths: list, items: list, channels: int, prep, hw: tuple) -> torch.Tensor:
+    # Each image is scaled (and resized under --size) on its own: images of different sizes can
+    # only be stacked once they share one.
+    x = torch.cat([prep(load_image(root / paths[k], channels)[None]) for k in items])
+    if tuple(x.shape[-2:]) != hw:
+        raise ValueError(f"an image in {[paths[k] for k in items]} is not {hw[1]}x{hw[0]}; pass --size")
+    return x
+
+
+def _explain_dataset(root, out, model_spec, weights, num_classes, composite, target, size, normalize, convert,
+                     batch_size, device, method, layer, passthrough, method_options, nonfinite) -> dict:
     h5py = require("h5py", "dataset")
     root, out = Path(root).expanduser().absolute(), Path(out).expanduser().absolute()
     # Everything that can be checked without the model comes first.
-    check_method(method, composite, layer, passthrough, method_options)
+    check_method(method, composite, layer, passthrough, method_options, nonfinite)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"folder {out.parent} for --out does not exist")
     paths, labels, classes = scan(root)
@@ -228,12 +255,27 @@ def explain_dataset(root, out, model_spec: str, weights=None, num_classes=None, 
         dev = torch.device("cuda", local_rank)  # one GPU per rank
     prep = preprocessing(size, normalize, model_spec, channels)
     model = model.to(dev)
-    explainer = make_explainer(model, composite, prep, channels, method, layer, passthrough, method_options)
+    explainer = make_explainer(model, composite, prep, channels, method, layer, passthrough, method_options,
+                               nonfinite, "pass a smaller --size, or --method-option save_memory=True for LRP")
 
     positions = list(range(rank, len(paths), world))
-    shard = _open_shard(h5py, shard_path(out, rank, world), settings, positions, hw)
+    # The model's output is checked on one image before anything is written, so a setting that
+    # cannot work (--target 99 of 3 classes) leaves no shard behind to block the corrected rerun.
+    with torch.no_grad():
+        probe = model(_load_batch(root, paths, positions[:1] or [0], channels, prep, hw).to(dev))
+    if probe.ndim != 2:
+        raise ValueError(f"model output has shape {tuple(probe.shape)}; dataset needs [N, classes] logits")
+    if isinstance(target, int) and target >= probe.shape[1]:
+        raise ValueError(f"--target {target} is out of range: the model has {probe.shape[1]} classes")
+    if target == "label" and len(classes) > probe.shape[1]:
+        raise ValueError(f"--target label: the ImageFolder has {len(classes)} classes but the model only "
+                         f"{probe.shape[1]}; pass --num-classes {len(classes)} or use --target pred")
+
+    shard_file = shard_path(out, rank, world)
+    shard = _open_shard(h5py, shard_file, settings, positions, hw)
     crash_after = int(os.environ.get(CRASH_AFTER_ENV, "0"))
     explained = batches = 0
+    failed = True
     try:
         done = shard["done"][()]
         todo = [row for row in range(len(positions)) if not done[row]]
@@ -242,13 +284,10 @@ def explain_dataset(root, out, model_spec: str, weights=None, num_classes=None, 
                        disable=None if rank == 0 else True)
         for rows in chunks(todo, batch_size):
             items = [positions[row] for row in rows]
-            x = torch.stack([load_image(root / paths[k], channels) for k in items])
-            x = prep(x).to(dev)
-            if tuple(x.shape[-2:]) != hw:
-                raise ValueError(f"an image in {[paths[k] for k in items]} is not {hw[1]}x{hw[0]}; pass --size")
+            x = _load_batch(root, paths, items, channels, prep, hw).to(dev)
             item_labels = torch.tensor([labels[k] for k in items])
             wanted = None if target == "pred" else item_labels.to(dev) if target == "label" else target
-            result = explainer.explain(x, wanted)
+            result = explainer.explain(x, wanted, names=[paths[k] for k in items])
             logits = result.output
             explained_classes = target_indices(target, logits, item_labels)
             shard["relevance"][rows] = result.relevance.sum(1).float().cpu().numpy()  # rows increase: h5py allows
@@ -263,8 +302,14 @@ def explain_dataset(root, out, model_spec: str, weights=None, num_classes=None, 
             if crash_after and batches >= crash_after:
                 os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
         bar.close()
+        failed = False
     finally:
+        nothing_done = failed and not shard["done"][()].any()
         shard.close()
+        if nothing_done:
+            # A run that failed before finishing one batch leaves nothing worth resuming; its
+            # empty shard would only stand in the way of a rerun with corrected options.
+            shard_file.unlink(missing_ok=True)
 
     if world > 1:
         import torch.distributed as dist

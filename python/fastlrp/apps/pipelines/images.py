@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from .. import models
 from ... import viz
-from .common import (check_cmap, check_method, chunks, convert_fix, image_channels, load_image, make_explainer,
-                     preprocessing, progress, target_indices)
+from .common import (atomic_output, check_cmap, check_method, chunks, convert_fix, image_channels, load_image,
+                     make_explainer, pixel_limit, preprocessing, progress, refuse_input_as_output, target_indices)
 
 TOP_K = 5
 
@@ -46,18 +46,35 @@ def render(pixels: torch.Tensor, relevance: torch.Tensor, cmap: str, alpha: floa
 def explain_images(paths: list, model_spec: str, weights=None, num_classes=None, composite=None,
                    target="pred", size=None, normalize="auto", convert=None, out_dir="fastlrp-explain",
                    cmap="bwr", alpha=0.6, percentile=None, batch_size=8, device="auto", method="lrp",
-                   layer=None, passthrough=(), method_options=None) -> dict:
+                   layer=None, passthrough=(), method_options=None, nonfinite="warn", max_pixels=None) -> dict:
     """Explain each image file; write ``<stem>_heatmap.png``, ``<stem>_overlay.png`` and
     ``predictions.json`` to ``out_dir``; return what the JSON holds.
 
     ``method``: ``lrp`` (with ``composite``, default epsilon_plus) or another name of
     ``fastlrp.methods.names()`` with ``method_options``; ``layer`` for the CAM methods;
-    ``passthrough``: layer types or module names without an LRP rule (``fastlrp.LRP``'s option)."""
+    ``passthrough``: layer types or module names without an LRP rule (``fastlrp.LRP``'s option);
+    ``nonfinite``: ``warn`` or ``raise`` on input holding NaN or Inf; ``max_pixels``: the largest
+    image (width x height) opened, 0 for no limit (default: Pillow's decompression-bomb guard)."""
+    with pixel_limit(max_pixels):
+        return _explain_images(paths, model_spec, weights, num_classes, composite, target, size, normalize,
+                               convert, out_dir, cmap, alpha, percentile, batch_size, device, method, layer,
+                               passthrough, method_options, nonfinite)
+
+
+def _write_png(path: Path, pixels: np.ndarray) -> Path:
+    with atomic_output(path) as tmp:
+        viz.save_png(tmp, pixels)
+    return path
+
+
+def _explain_images(paths, model_spec, weights, num_classes, composite, target, size, normalize, convert, out_dir,
+                    cmap, alpha, percentile, batch_size, device, method, layer, passthrough, method_options,
+                    nonfinite) -> dict:
     from ..demo.run import prepare_out_dir
 
     paths = [Path(p) for p in paths]
     # Everything that can be checked without the model comes first: a typo fails at once.
-    check_method(method, composite, layer, passthrough, method_options)
+    check_method(method, composite, layer, passthrough, method_options, nonfinite)
     check_cmap(cmap)
     found = [image_channels(path, convert) for path in paths]
     model = models.load_model(model_spec, weights, num_classes)
@@ -70,11 +87,16 @@ def explain_images(paths: list, model_spec: str, weights=None, num_classes=None,
     prep = preprocessing(size, normalize, model_spec, channels)
     dev = models.resolve_device(device)
     model = model.to(dev)
-    explainer = make_explainer(model, composite, prep, channels, method, layer, passthrough, method_options)
+    explainer = make_explainer(model, composite, prep, channels, method, layer, passthrough, method_options,
+                               nonfinite, "pass a smaller --size, or --method-option save_memory=True for LRP")
     out = prepare_out_dir(out_dir)
 
     records = [None] * len(paths)  # filled by position: size groups can reorder a batch
     stems = _unique_stems(paths)
+    for stem in stems:  # an output named like an input image would overwrite it
+        for kind in ("heatmap", "overlay"):
+            refuse_input_as_output(out / f"{stem}_{kind}.png", paths, "--out")
+    refuse_input_as_output(out / "predictions.json", paths, "--out")
     bar = progress(total=len(paths), desc="explain", unit="img")
     for batch in chunks(list(enumerate(zip(paths, stems))), batch_size):
         images = [load_image(p, channels) for _, (p, _) in batch]
@@ -85,7 +107,8 @@ def explain_images(paths: list, model_spec: str, weights=None, num_classes=None,
             groups.setdefault(tuple(x.shape), []).append(k)
         for members in groups.values():
             x = torch.cat([prepared[k] for k in members]).to(dev)
-            result = explainer.explain(x, None if target == "pred" else target)
+            result = explainer.explain(x, None if target == "pred" else target,
+                                       names=[str(batch[k][1][0]) for k in members])
             logits = result.output
             if logits.ndim != 2:
                 raise ValueError(f"model output has shape {tuple(logits.shape)}; explain needs [N, classes] logits")
@@ -94,8 +117,8 @@ def explain_images(paths: list, model_spec: str, weights=None, num_classes=None,
             for j, k in enumerate(members):
                 position, (path, stem) = batch[k]
                 heat, over = render(images[k], result.relevance[j].cpu(), cmap, alpha, percentile)
-                heat_path = viz.save_png(out / f"{stem}_heatmap.png", heat)
-                over_path = viz.save_png(out / f"{stem}_overlay.png", over)
+                heat_path = _write_png(out / f"{stem}_heatmap.png", heat)
+                over_path = _write_png(out / f"{stem}_overlay.png", over)
                 top = probabilities[j].topk(min(TOP_K, logits.shape[1]))
                 records[position] = {
                     "path": str(path),
@@ -113,6 +136,7 @@ def explain_images(paths: list, model_spec: str, weights=None, num_classes=None,
     summary = {"model": model_spec, "weights": None if weights is None else str(weights), "method": method,
                "composite": (composite or "epsilon_plus") if method == "lrp" else None, "target": target,
                "out_dir": str(out), "images": records}
-    (out / "predictions.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with atomic_output(out / "predictions.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
     summary["json"] = str(out / "predictions.json")
     return summary

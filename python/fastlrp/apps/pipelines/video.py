@@ -15,6 +15,7 @@ however long the video is.
 
 from __future__ import annotations
 
+import os
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 from .. import models
 from ...extras import require
 from .common import (check_cmap, check_input_file, check_method, convert_fix, make_explainer, preprocessing,
-                     progress)
+                     progress, refuse_input_as_output, temporary_name)
 from .images import render
 
 # Output container suffix -> codecs to try, best first.
@@ -44,6 +45,13 @@ def _open_input(av, path: Path):
         container.close()
         raise ValueError(f"{path} has no video stream")
     return container
+
+
+def _container_format(av, out_path: Path):
+    """The muxer for OUT's suffix (the temporary name has the same suffix; named here anyway so the
+    format never depends on it)."""
+    return {".mp4": "mp4", ".mkv": "matroska", ".mov": "mov", ".avi": "avi", ".webm": "webm"}.get(
+        out_path.suffix.lower())
 
 
 def _pick_codec(av, out_path: Path, requested: str | None) -> str:
@@ -155,19 +163,22 @@ def _even(array: np.ndarray) -> np.ndarray:
 def explain_video(in_path, out_path, model_spec: str, weights=None, num_classes=None, composite=None,
                   target="pred", size=None, normalize="auto", convert=None, batch_size=None, clip_length=16,
                   clip_stride=None, cmap="bwr", alpha=0.6, percentile=None, device="auto", codec=None,
-                  method="lrp", layer=None, passthrough=(), method_options=None) -> dict:
+                  method="lrp", layer=None, passthrough=(), method_options=None, nonfinite="warn") -> dict:
     """Write a video of relevance overlays of ``in_path`` to ``out_path``; return counts and speed.
 
     ``batch_size``: frames (2D model, default 8) or clips (3D model, default 1) per pass.
     ``clip_stride``: frames between the starts of consecutive clips (default ``clip_length``: clips
-    side by side). ``method``, ``layer``, ``passthrough``, ``method_options``: as ``explain_images``."""
+    side by side). ``method``, ``layer``, ``passthrough``, ``method_options``, ``nonfinite``: as
+    ``explain_images``. OUT is encoded under a temporary name and renamed when complete: a failed
+    run leaves an earlier OUT as it was, and OUT may not be IN."""
     av = require("av", "video")
     in_path, out_path = Path(in_path), Path(out_path)
     clip_stride = clip_length if clip_stride is None else clip_stride
     # Everything that can be checked without the model comes first.
-    check_method(method, composite, layer, passthrough, method_options)
+    check_method(method, composite, layer, passthrough, method_options, nonfinite)
     check_cmap(cmap)
     check_input_file(in_path, "a video file")
+    refuse_input_as_output(out_path, [in_path], "--out")
     if not 1 <= clip_stride <= clip_length:
         raise ValueError(f"--clip-stride {clip_stride} must lie between 1 and --clip-length {clip_length}: a "
                          "larger stride leaves frames between clips unexplained")
@@ -185,7 +196,10 @@ def explain_video(in_path, out_path, model_spec: str, weights=None, num_classes=
     prep = preprocessing(size, normalize, model_spec, channels)
     dev = models.resolve_device(device)
     model = model.to(dev)
-    explainer = make_explainer(model, composite, prep, channels, method, layer, passthrough, method_options)
+    hint = ("pass a smaller --size" + (" or --clip-length" if clips else "") +
+            ", or --method-option save_memory=True for LRP")
+    explainer = make_explainer(model, composite, prep, channels, method, layer, passthrough, method_options,
+                               nonfinite, hint)
     wanted = None if target == "pred" else target
     timing = {"explain_s": 0.0}
 
@@ -207,7 +221,8 @@ def explain_video(in_path, out_path, model_spec: str, weights=None, num_classes=
     else:
         explained = frame_relevance(decoded, lambda batch: run(prep(batch)), batch_size)
 
-    sink = av.open(str(out_path), "w")
+    partial = temporary_name(out_path)
+    sink = av.open(str(partial), "w", format=_container_format(av, out_path))
     out_stream = None
     frames_done = 0
     start = time.perf_counter()
@@ -235,11 +250,16 @@ def explain_video(in_path, out_path, model_spec: str, weights=None, num_classes=
             sink.close()
         except av.FFmpegError:
             pass  # nothing was written to close cleanly
-        out_path.unlink(missing_ok=True)  # a half-written video is worse than none
+        partial.unlink(missing_ok=True)  # a half-written video is worse than none; an earlier OUT stays
         raise
     bar.close()
-    sink.close()
+    try:
+        sink.close()
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     source.close()
+    os.replace(partial, out_path)  # OUT appears complete, or not at all
     seconds = time.perf_counter() - start
     height, width = in_stream.codec_context.height, in_stream.codec_context.width
     explain_s = timing["explain_s"]

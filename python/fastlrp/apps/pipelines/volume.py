@@ -9,6 +9,7 @@ orthogonal slices through the voxel of largest |relevance|.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ import torch
 from .. import models
 from ... import viz
 from ...extras import require
-from .common import Preprocessing, check_cmap, check_input_file, check_method, make_explainer
+from .common import (Preprocessing, atomic_output, check_cmap, check_input_file, check_method, make_explainer,
+                     refuse_input_as_output)
 
 INTENSITY = ("zscore", "minmax", "none")
 
@@ -40,12 +42,18 @@ def scale_intensity(data: np.ndarray, mode: str) -> np.ndarray:
     if mode == "none":
         return data
     axes = (0, 1, 2)
-    if mode == "zscore":
-        std = data.std(axis=axes, keepdims=True)
-        return (data - data.mean(axis=axes, keepdims=True)) / np.where(std > 0, std, 1.0)
-    if mode == "minmax":
-        low, high = data.min(axis=axes, keepdims=True), data.max(axis=axes, keepdims=True)
-        return (data - low) / np.where(high > low, high - low, 1.0)
+    # Statistics over the finite voxels: one NaN or Inf voxel must not turn the whole channel into
+    # NaN (the pipeline names such voxels' volume in a warning or an error).
+    finite = np.where(np.isfinite(data), data, np.nan)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN channel: its statistics stay NaN
+        if mode == "zscore":
+            std = np.nanstd(finite, axis=axes, keepdims=True)
+            std = np.where(std > 0, std, 1.0)
+            return ((data - np.nanmean(finite, axis=axes, keepdims=True)) / std).astype(np.float32)
+        if mode == "minmax":
+            low, high = np.nanmin(finite, axis=axes, keepdims=True), np.nanmax(finite, axis=axes, keepdims=True)
+            return ((data - low) / np.where(high > low, high - low, 1.0)).astype(np.float32)
     raise ValueError(f"--intensity must be one of {INTENSITY}, got {mode!r}")
 
 
@@ -55,7 +63,12 @@ def slices_png(path: Path, volume: np.ndarray, relevance: np.ndarray, cmap: str 
     under the relevance heatmap, side by side with titles. Returns the voxel."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
-    centre = np.unravel_index(np.abs(relevance).argmax(), relevance.shape)
+    magnitude = np.nan_to_num(np.abs(relevance), nan=0.0, posinf=0.0)  # NaN relevance of NaN input: not a peak
+    centre = np.unravel_index(magnitude.argmax(), relevance.shape)
+    if not np.isfinite(volume).all():
+        volume = np.nan_to_num(volume, nan=0.0, posinf=0.0, neginf=0.0)
+    if not np.isfinite(relevance).all():
+        relevance = np.nan_to_num(relevance, nan=0.0, posinf=0.0, neginf=0.0)
     low, high = np.percentile(volume, (1, 99))
     grey = np.clip((volume - low) / (high - low if high > low else 1.0), 0, 1)
     scale = float(np.percentile(np.abs(relevance), percentile) if percentile else np.abs(relevance).max())
@@ -71,19 +84,29 @@ def slices_png(path: Path, volume: np.ndarray, relevance: np.ndarray, cmap: str 
         panel.axis("off")
     figure.suptitle(f"relevance at voxel {tuple(int(c) for c in centre)}", fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, format="png")
+    with atomic_output(path) as tmp:
+        figure.savefig(tmp, format="png")
     return tuple(int(c) for c in centre)
+
+
+def _same_output(a: Path, b: Path) -> bool:
+    import os
+
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def explain_volume(in_path, out_path, model_spec: str, weights=None, num_classes=None, composite=None,
                    target="pred", intensity="zscore", png=None, cmap="bwr", alpha=0.6, percentile=None,
-                   device="auto", method="lrp", layer=None, passthrough=(), method_options=None) -> dict:
+                   device="auto", method="lrp", layer=None, passthrough=(), method_options=None,
+                   nonfinite="warn") -> dict:
     """Write the relevance of ``in_path`` as NIfTI to ``out_path`` and a slices PNG; return a summary.
-    ``method``, ``layer``, ``passthrough``, ``method_options``: as ``explain_images``."""
+    ``method``, ``layer``, ``passthrough``, ``method_options``, ``nonfinite``: as ``explain_images``.
+    A volume holding NaN or Inf is named in a warning (its relevance is NaN) or, under
+    ``nonfinite="raise"``, stops the run before anything is written."""
     nib = require("nibabel", "volume")
     in_path, out_path = Path(in_path), Path(out_path)
     # Everything that can be checked without the model comes first.
-    check_method(method, composite, layer, passthrough, method_options)
+    check_method(method, composite, layer, passthrough, method_options, nonfinite)
     check_cmap(cmap)
     if not out_path.name.endswith((".nii", ".nii.gz")):
         raise ValueError(f"--out {out_path} must end in .nii or .nii.gz")
@@ -91,6 +114,11 @@ def explain_volume(in_path, out_path, model_spec: str, weights=None, num_classes
         raise FileNotFoundError(f"folder {out_path.parent} for --out does not exist")
     if png is not None and not Path(png).parent.exists():
         raise FileNotFoundError(f"folder {Path(png).parent} for --png does not exist")
+    png_path = Path(png) if png else out_path.with_name(out_path.name.split(".nii")[0] + "_slices.png")
+    refuse_input_as_output(out_path, [in_path], "--out")
+    refuse_input_as_output(png_path, [in_path], "--png")
+    if _same_output(out_path, png_path):
+        raise ValueError(f"--png {png_path} is the --out file; choose another --png")
     image, data = read_volume(nib, in_path)
     model = models.load_model(model_spec, weights, num_classes)
     spec = models.input_spec(model)
@@ -103,18 +131,26 @@ def explain_volume(in_path, out_path, model_spec: str, weights=None, num_classes
     dev = models.resolve_device(device)
     model = model.to(dev)
     explainer = make_explainer(model, composite, Preprocessing(), channels, method, layer, passthrough,
-                               method_options)
+                               method_options, nonfinite,
+                               "use --device cpu where the GPU is too small, or --method-option save_memory=True "
+                               "for LRP, or a smaller (resampled or cropped) volume")
     x = torch.from_numpy(np.ascontiguousarray(scaled.transpose(3, 0, 1, 2)))[None].to(dev)
-    result = explainer.explain(x, None if target == "pred" else target)
+    if not np.isfinite(voxels).all():  # scaling keeps them; name the voxels, not only the volume
+        bad = np.argwhere(~np.isfinite(voxels).all(3))
+        where = f"{len(bad)} voxel(s), the first at {tuple(int(i) for i in bad[0])}"
+        names = [f"volume {in_path} ({where})"]
+    else:
+        names = [f"volume {in_path}"]
+    result = explainer.explain(x, None if target == "pred" else target, names=names)
     relevance = result.relevance[0].sum(0).detach().cpu().numpy().astype(np.float32)
 
     header = image.header.copy()
     header.set_data_dtype(np.float32)
     out_image = nib.Nifti1Image(relevance, image.affine, header)
     out_image.header.set_slope_inter(1.0, 0.0)  # the input's intensity scaling must not rescale relevance
-    nib.save(out_image, str(out_path))
+    with atomic_output(out_path) as tmp:
+        nib.save(out_image, str(tmp))
 
-    png_path = Path(png) if png else out_path.with_name(out_path.name.split(".nii")[0] + "_slices.png")
     centre = slices_png(png_path, scaled[..., 0] if channels == 1 else scaled.mean(3), relevance, cmap, alpha,
                         percentile)
     logits = result.output[0]
