@@ -33,7 +33,7 @@ import torch
 
 from .. import models
 from ...extras import require
-from .common import (IMAGE_SUFFIXES, _open, check_method, chunks, convert_fix, image_channels, load_image,
+from .common import (IMAGE_SUFFIXES, _open, atomic_output, check_method, chunks, convert_fix, image_channels, load_image,
                      make_explainer, pixel_limit, preprocessing, progress, target_indices)
 
 LAYOUT_VERSION = 1
@@ -157,8 +157,7 @@ def _open_shard(h5py, path: Path, settings: str, positions: list, hw: tuple):
 
 
 def _merge(h5py, out: Path, world: int, n: int, hw: tuple, paths, labels, classes, settings, attrs) -> None:
-    tmp = out.with_name(out.name + ".merging")
-    with h5py.File(tmp, "w") as merged:
+    with atomic_output(out) as tmp, h5py.File(tmp, "w") as merged:  # OUT is either absent or complete
         relevance = merged.create_dataset("relevance", shape=(n, *hw), dtype=np.float32, chunks=(1, *hw))
         predictions = merged.create_dataset("predictions", shape=(n,), dtype=np.int64)
         targets = merged.create_dataset("targets", shape=(n,), dtype=np.int64)
@@ -175,7 +174,6 @@ def _merge(h5py, out: Path, world: int, n: int, hw: tuple, paths, labels, classe
                 targets[index] = shard["targets"][()]
         merged.attrs.update({"layout_version": LAYOUT_VERSION, "classes": json.dumps(classes),
                              "settings": settings, **attrs})
-    os.replace(tmp, out)  # atomic: OUT is either absent or complete
     for rank in range(world):
         shard_path(out, rank, world).unlink()
 
