@@ -147,3 +147,27 @@ def test_meta_tensors_give_shapes_without_values():
                           nn.Linear(4, 2)).eval().to("meta")
     relevance = fastlrp.LRP(model, backend="reference")(torch.empty(2, 3, 8, 8, device="meta"), 1)
     assert relevance.shape == (2, 3, 8, 8) and relevance.device.type == "meta"
+
+
+@needs_native
+@pytest.mark.parametrize("composite", ["epsilon_plus", "epsilon_gamma_box"])
+def test_weight_cache_is_bounded_and_changes_nothing(composite):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).double().eval()
+    x = torch.randn(2, 3, 10, 10, dtype=torch.float64)
+    options = {"low": -3.0, "high": 3.0} if composite == "epsilon_gamma_box" else {}
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    results = {}
+    for multiple in (None, 0, 0.5, 1.0):
+        explainer = fastlrp.LRP(model, composite, backend="native", weight_cache=multiple, **options)
+        results[multiple] = [explainer(x, 1) for _ in range(2)]
+        used = explainer._affine[0].budget.used
+        if multiple is not None:
+            assert used <= multiple * model_bytes
+    assert explainer._affine[0].budget.used > 0  # 1.0 keeps something
+    for multiple, runs in results.items():
+        for r in runs:
+            torch.testing.assert_close(r, results[None][0], rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="weight_cache"):
+        fastlrp.LRP(model, weight_cache=-1)

@@ -157,3 +157,26 @@ class ParameterWatch:
                 for (i, j, t), fp in zip(entries, prints):
                     values[i][j] = (id(t), t.data_ptr(), t._version, t.dtype, tuple(t.shape), fp)
         return values
+
+
+class WeightBudget:
+    """The bytes of derived weights (folded batch norms, block weights, kernel tables) an explainer may
+    keep between calls; ``None``: no limit. What does not fit is built again in each call."""
+
+    def __init__(self, limit: int | None):
+        self.limit, self.used = limit, 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bool:
+        if self.limit is None:
+            return True
+        with self._lock:
+            if self.used + size > self.limit:
+                return False
+            self.used += size
+            return True
+
+    def give(self, size: int) -> None:
+        if self.limit is not None:
+            with self._lock:
+                self.used -= size

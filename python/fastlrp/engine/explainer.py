@@ -16,7 +16,7 @@ from .. import composites as _composites
 from .._common.model_view import training_warning
 from .._common.targets import starting_relevance
 from . import graph as _graph
-from .call import TRACE_LOCK, Call, ParameterWatch, active
+from .call import TRACE_LOCK, Call, ParameterWatch, WeightBudget, active
 from .relevance_layers import AffineLayer, RelevanceLayer
 
 
@@ -64,6 +64,9 @@ class LRP:
         (float16 on the CPU, grouped or transposed convolutions) runs the reference rule.
     nonfinite: what to do when input samples hold NaN or Inf (their relevance cannot be finite):
         ``"warn"`` (default) names the samples in a warning, ``"raise"`` raises a ValueError.
+    weight_cache: the derived weights (folded batch norms, block weights, kernel tables) kept between
+        calls, at most this multiple of the model's own weight bytes (default 1.0); the rest is built
+        again in each call (a few element-wise passes over those weights). ``None``: keep all of them.
     save_memory: under the native backend, keep only each linear layer's input for the relevance
         pass and recompute its z parts there: peak memory close to the plain gradient's, for one
         more forward convolution per layer (see docs/native.md, "Memory"). The relevance is the same.
@@ -74,7 +77,7 @@ class LRP:
     def __init__(self, model: nn.Module, composite="epsilon_plus", *, start: str = "logit",
                  maxpool: str = "winner", fold_batchnorm: bool = True, functional_rules: bool = True,
                  passthrough: Sequence = (), backend: str | None = None, save_memory: bool = False,
-                 nonfinite: str = "warn", **rule_options):
+                 nonfinite: str = "warn", weight_cache: float | None = 1.0, **rule_options):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if start not in ("logit", "one"):
@@ -96,6 +99,9 @@ class LRP:
         self._sites = {m.site: m for m in self.graph_module.modules() if isinstance(m, RelevanceLayer)}
         self._affine = [m for m in self._sites.values() if isinstance(m, AffineLayer)]
         self._watch = ParameterWatch([layer.sources for layer in self._affine])
+        budget = WeightBudget(_weight_budget(model, weight_cache))
+        for layer in self._affine:
+            layer.budget = budget
         self._input_layer = _layer_reading_input(self.graph_module)
 
     @property
@@ -174,6 +180,17 @@ class LRP:
                                 f"use x.to({param.dtype}) or model.to({x.dtype})")
         if self._input_layer is not None:
             _check_first_layer(self._input_layer, x)
+
+
+def _weight_budget(model: nn.Module, multiple) -> int | None:
+    if multiple is None:
+        return None
+    if not isinstance(multiple, (int, float)) or multiple < 0:
+        raise ValueError(f"weight_cache must be None or a number >= 0 (a multiple of the model's weight bytes), "
+                         f"got {multiple!r}")
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()
+                if p.device.type != "meta"}
+    return int(multiple * sum(storages.values()))
 
 
 def _layer_reading_input(gm) -> RelevanceLayer | None:

@@ -20,7 +20,7 @@ from torch import nn
 from .. import reference
 from ..linear_form import LinearForm
 from ..rules import DeconvNet, Gradient, GuidedBackprop, Pass, Proportional, Rule
-from .call import current_call
+from .call import WeightBudget, current_call
 
 
 class RelevanceLayer(nn.Module):
@@ -85,7 +85,8 @@ class AffineLayer(RelevanceLayer):
         self.op = reference.AffineOp.from_module(module)
         # Held in a tuple so they are not registered as children of the explainer's graph.
         self._sources = (module, batchnorm)
-        self._cache: dict = {}
+        self._cache = _Cache()
+        self.budget = WeightBudget(None)  # the explainer's, set after the build
         self.nonnegative_input = False  # set from the graph: the input comes from a ReLU (or alike)
         # The rule's declaration in every variant the backends ask for, made once at build: the rule
         # is read here, and a compiled call then needs no Python object construction.
@@ -110,26 +111,38 @@ class AffineLayer(RelevanceLayer):
     def invalidate(self) -> None:
         """Forget folded and derived weights (a source changed). Rebinding, not clearing, so a call
         in flight keeps the consistent set it already holds."""
-        self._cache = {}
+        old, self._cache = self._cache, _Cache()
+        self.budget.give(old.size)
 
     def params(self):
-        """(weight, bias) with the batch norm folded in, cached until ``invalidate()``."""
+        """(weight, bias) with the batch norm folded in, cached until ``invalidate()`` where the
+        explainer's weight budget allows."""
         if torch.compiler.is_compiling():  # traced into the graph: done once per compiled call
             return self._fold()
-        cache = self._cache
-        if "params" not in cache:
-            cache.setdefault("params", self._fold())
-        return cache["params"]
+        return self._cached("params", self._fold)
 
     def derived(self, key: str, build: Callable):
         """``build(weight, bias)`` for the current parameters, cached per ``key`` until ``invalidate()``
-        (the backends keep their block weights and kernel tables here)."""
+        where the budget allows (the backends keep their block weights and kernel tables here)."""
         if torch.compiler.is_compiling():
             return build(*self._fold())
+        return self._cached(key, lambda: build(*self.params()))
+
+    def _cached(self, key: str, make: Callable):
         cache = self._cache
-        if key not in cache:
-            cache.setdefault(key, build(*self.params()))
-        return cache[key]
+        value = cache.entries.get(key)
+        if value is not None:
+            return value
+        value = make()
+        known = {t.untyped_storage().data_ptr() for t in self.sources() if t is not None}
+        _new_bytes(list(cache.entries.values()), known)
+        size = _new_bytes(value, known)
+        if self.budget.take(size):
+            if cache.entries.setdefault(key, value) is value:
+                cache.size += size
+            else:
+                self.budget.give(size)  # another thread cached it first
+        return value
 
     def _fold(self):
         module, bn = self._sources
@@ -147,6 +160,34 @@ class AffineLayer(RelevanceLayer):
         (x,) = saved
         weight, bias = self.params()
         return (reference.linear_relevance(self.op, self._forms[(False, False)], x, weight, bias, relevance),)
+
+
+class _Cache:
+    """A layer's cached weights and the bytes they hold beyond the model's own tensors."""
+
+    def __init__(self):
+        self.entries: dict = {}
+        self.size = 0
+
+
+def _new_bytes(value, known: set) -> int:
+    """Bytes of the tensors reachable from ``value`` (tuples, dicts, object attributes) whose storage
+    is not in ``known`` (the model's own tensors, what is cached already); adds what it counts."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "meta":
+            return 0
+        ptr = value.untyped_storage().data_ptr()
+        if ptr in known:
+            return 0
+        known.add(ptr)
+        return value.untyped_storage().nbytes()
+    if isinstance(value, dict):
+        return sum(_new_bytes(v, known) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return sum(_new_bytes(v, known) for v in value)
+    if hasattr(value, "__dict__") and not isinstance(value, (type, nn.Module)):
+        return sum(_new_bytes(v, known) for v in vars(value).values())
+    return 0
 
 
 def fold_batchnorm(op: reference.AffineOp, weight, bias, bn: nn.Module):
