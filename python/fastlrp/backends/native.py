@@ -58,9 +58,11 @@ class BlockRule:
             [torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device) if b is None else b
              for b in biases])
         self.z_is_output = form.z_is_output(bias)
-        # Where the z_g add up to k * f(x; W, b) (AlphaBeta: k = 1, Gamma: 2 + gamma), the output is
-        # taken from z: one convolution fewer per call. It equals f(x; W, b) up to rounding.
-        self.output_divisor = None if self.z_is_output else form.output_multiple(bias)
+        # The layer's output is always its own convolution f(x; W, b), never rebuilt from the z parts
+        # where they add up to a multiple of it (AlphaBeta, Gamma: LinearForm.output_multiple). The sum
+        # of the parts cancels where the output is small against them and lost up to 20x the float32
+        # accuracy of the reference end to end (issue 16, F1; tests/test_fuzz.py): a rounded output
+        # flips the ReLU after it, or Gamma's sign masks, where the true output is near zero.
         self._free_cache = {}
 
     def _columns(self, modifiers, c_in):
@@ -74,17 +76,6 @@ class BlockRule:
     def _modified(self, name: str, x):
         # sample-free inputs (ones, bounds) are formed at batch size 1 and broadcast in z()
         return modified_input(name, x if name not in _SAMPLE_FREE else x[:1], self.form.bounds)
-
-    def output_from(self, z):
-        """The layer's output from the stacked z (only where ``output_divisor`` is set)."""
-        groups = len(self.coefficients)
-        c_out = z.shape[1] // groups
-        total = z.narrow(1, 0, c_out)
-        for g in range(1, groups):
-            total = total + z.narrow(1, g * c_out, c_out)
-        if groups == 1:
-            total = total.clone()
-        return total if self.output_divisor == 1.0 else total.div_(self.output_divisor)
 
     def z(self, x, output):
         """Every z_g, stacked along channels (N, G*C_out, ...)."""
@@ -129,16 +120,11 @@ class BlockFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, block, save_memory, x):
-        if block.output_divisor is not None:
-            z = block.z(x, None)
-            output = block.output_from(z)
-        else:
-            output = block.op(x, *block.params)
-            z = block.z(x, output)
+        output = block.op(x, *block.params)
+        z = block.z(x, output)
         ctx.block = block
-        # Gamma's sign masks need the output; where z holds it (output_divisor), it is rebuilt in
-        # backward from z instead of being kept: one activation-sized tensor less per layer.
-        keep_output = block.uses_mask and block.output_divisor is None
+        # Gamma's sign masks need the output (Epsilon's is z itself, kept below)
+        keep_output = block.uses_mask
         # save_memory: keep only x and recompute z in backward (one more forward convolution).
         # Epsilon's z is the output itself, so there is nothing to recompute or to save.
         keep_z = not save_memory or block.z_is_output
@@ -151,8 +137,6 @@ class BlockFunction(torch.autograd.Function):
         block = ctx.block
         if z is None:
             z = block.z(x, output)
-        if block.uses_mask and output is None:
-            output = block.output_from(z)
         return None, None, block.relevance(x, z, output, relevance)
 
 
