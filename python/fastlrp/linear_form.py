@@ -165,28 +165,6 @@ class LinearForm:
         (p,) = self.parts
         return p.input == "x" and p.weight.is_identity and (bias is None or p.bias.is_identity)
 
-    def output_multiple(self, bias: torch.Tensor | None) -> float | None:
-        """k where the sum of every z_g is k * f(x; W, b) (AlphaBeta: 1, Gamma: 2 + gamma): the
-        output then needs no convolution of its own. None where it is not."""
-        totals: dict[str, Modified] = {}
-        bias_total = NOTHING
-        for p in self.parts:
-            if p.input not in SAMPLE_INPUTS:
-                return None
-            totals[p.input] = totals.get(p.input, NOTHING) + p.weight
-            bias_total = bias_total + p.bias
-        if set(totals) not in ({"x"}, {"x+", "x-"}):
-            return None
-        shapes = {t.normalized() for t in totals.values()}
-        if len(shapes) != 1:
-            return None
-        a, b, square, const = shapes.pop()
-        if a != b or a == 0 or square or const:
-            return None
-        if bias is not None and bias_total.normalized() != (a, a, 0.0, 0.0):
-            return None
-        return a
-
 
 def merge_parts(parts) -> list:
     """Parts with the same input and group summed into one (order of first appearance kept)."""

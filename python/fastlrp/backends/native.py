@@ -59,7 +59,7 @@ class BlockRule:
              for b in biases])
         self.z_is_output = form.z_is_output(bias)
         # The layer's output is always its own convolution f(x; W, b), never rebuilt from the z parts
-        # where they add up to a multiple of it (AlphaBeta, Gamma: LinearForm.output_multiple). The sum
+        # where they add up to a multiple of it (AlphaBeta: 1, Gamma: 2 + gamma). The sum
         # of the parts cancels where the output is small against them and lost up to 20x the float32
         # accuracy of the reference end to end (issue 16, F1; tests/test_fuzz.py): a rounded output
         # flips the ReLU after it, or Gamma's sign masks, where the true output is near zero.
