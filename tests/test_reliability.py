@@ -171,3 +171,29 @@ def test_weight_cache_is_bounded_and_changes_nothing(composite):
             torch.testing.assert_close(r, results[None][0], rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="weight_cache"):
         fastlrp.LRP(model, weight_cache=-1)
+
+
+def test_a_batch_that_runs_out_of_memory_is_split(monkeypatch):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3)).double().eval()
+    x = torch.randn(7, 3, 8, 8, dtype=torch.float64)
+    explainer = fastlrp.LRP(model)
+    expected = explainer.explain(x, torch.arange(7) % 3, layers=["0"])
+    whole = explainer._explain_batch
+    sizes = []
+
+    def limited(x, target, layers):
+        sizes.append(x.shape[0])
+        if x.shape[0] > 2:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 GB")
+        return whole(x, target, layers)
+    monkeypatch.setattr(explainer, "_explain_batch", limited)
+    with pytest.warns(UserWarning, match="parts of 4"):
+        got = explainer.explain(x, torch.arange(7) % 3, layers=["0"])
+    assert sizes == [7, 4, 2, 2, 3, 2, 1]
+    torch.testing.assert_close(got.relevance, expected.relevance, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got.output, expected.output)
+    torch.testing.assert_close(got.layers["0"], expected.layers["0"], rtol=1e-10, atol=1e-12)
+    monkeypatch.setattr(explainer, "_explain_batch", lambda *a: (_ for _ in ()).throw(ValueError("other")))
+    with pytest.raises(ValueError, match="other"):
+        explainer.explain(x, 0)

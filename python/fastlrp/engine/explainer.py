@@ -16,6 +16,7 @@ from .. import composites as _composites
 from .._common.model_view import training_warning
 from .._common.targets import starting_relevance
 from . import graph as _graph
+from .batching import is_out_of_memory, join, target_part
 from .call import TRACE_LOCK, Call, ParameterWatch, WeightBudget, active
 from .relevance_layers import AffineLayer, RelevanceLayer
 
@@ -133,6 +134,26 @@ class LRP:
         if unknown:
             raise KeyError(f"no layer named {unknown} in the explainer; names are explainer.layer_names, "
                            f"e.g. {self.layer_names[:5]}")
+        return self._explain_fitting(x, target, tuple(layers))
+
+    def _explain_fitting(self, x, target, layers) -> Explanation:
+        """``_explain_batch``, halving the batch while it runs out of memory (CPU or CUDA)."""
+        try:
+            return self._explain_batch(x, target, layers)
+        except Exception as err:  # noqa: BLE001 - only out-of-memory errors are handled, others re-raised
+            if not is_out_of_memory(err) or x.shape[0] < 2 or torch.compiler.is_compiling():
+                raise  # one sample that does not fit: save_memory=True or a smaller input is the user's call
+        if x.device.type == "cuda":  # what the failed attempt held is free once the error is gone
+            torch.cuda.empty_cache()
+        half = (x.shape[0] + 1) // 2
+        warnings.warn(f"out of memory explaining a batch of {x.shape[0]}; explaining it in parts of {half}",
+                      stacklevel=3)
+        n = x.shape[0]
+        parts = [self._explain_fitting(x[i:i + half], target_part(target, i, i + half, n), layers)
+                 for i in range(0, n, half)]
+        return join(parts, Explanation)
+
+    def _explain_batch(self, x, target, layers) -> Explanation:
         call = Call(_backends.chain(self.backend), self.save_memory, frozenset(layers))
         # (a lock cannot be traced by torch.compile; a compiled call does not run concurrently with a build)
         guard = contextlib.nullcontext() if torch.compiler.is_compiling() else TRACE_LOCK.reading()
