@@ -59,29 +59,41 @@ def device_key(device: torch.device) -> str:
     return f"{name}|torch {torch.__version__}|triton {triton.__version__}"
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 1, repeats: int = 5) -> float:
-    """Median time of ``fn()`` in milliseconds on ``device``: CUDA events recorded on that device's
-    current stream (not the current device's), wall time elsewhere. The warm-up calls compile,
-    autotune and fill caches."""
+def times_ms(fn: Callable[[], object], device, warmup: int = 1, repeats: int = 5,
+             cuda_events: bool = True) -> list:
+    """Times of ``repeats`` calls of ``fn()`` in milliseconds on ``device``, after ``warmup`` untimed calls
+    (which compile, autotune and fill caches). On CUDA: events recorded on that device's current
+    stream (not the current device's), or, with ``cuda_events=False``, wall time after synchronizing
+    the device; elsewhere wall time."""
+    device = torch.device(device)
     for _ in range(warmup):
         fn()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
     times = []
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            stream = torch.cuda.current_stream(device)
-            for _ in range(repeats):
+    for _ in range(repeats):
+        if cuda and cuda_events:
+            with torch.cuda.device(device):
+                stream = torch.cuda.current_stream(device)
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record(stream)
                 fn()
                 end.record(stream)
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeats):
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
             t0 = time.perf_counter()
             fn()
+            if cuda:
+                torch.cuda.synchronize(device)
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return times
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 1, repeats: int = 5) -> float:
+    """Median of ``times_ms``: the figure the speed choice compares."""
+    return statistics.median(times_ms(fn, device, warmup, repeats))
 
 
 def prefers_first(key: str, device: torch.device, run_first, run_second, mode_variable: str = "FASTLRP_TRITON_CHOICE",

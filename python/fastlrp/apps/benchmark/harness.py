@@ -10,10 +10,11 @@ import platform
 import re
 import statistics
 import subprocess
-import time
 from pathlib import Path
 
 import torch
+
+from ...backends.timing import times_ms
 
 # In a source checkout (python/fastlrp/apps/benchmark/ below a folder holding bench/) results go
 # to bench/results, where the project keeps them; an installed package writes to
@@ -44,26 +45,10 @@ def time_fn(fn, device, warmup=1, repeats=5, cuda_events=False):
 
     The median is the figure to quote (robust to a stray slow call); the min is what the
     code can do when nothing else interferes. On CUDA the host waits for the device
-    before reading the clock, otherwise only the launch would be timed.
+    before reading the clock, otherwise only the launch would be timed. The clock is the
+    core's (``fastlrp.backends.timing.times_ms``), which the Triton speed choice uses too.
     """
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    use_events = cuda_events and torch.device(device).type == "cuda"
-    for _ in range(repeats):
-        if use_events:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            synchronize(device)
-            times.append((time.perf_counter() - t0) * 1e3)
+    times = times_ms(fn, device, warmup, repeats, cuda_events)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "times_ms": times}
 
 
