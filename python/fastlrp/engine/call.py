@@ -167,6 +167,10 @@ class WeightBudget:
         self.limit, self.used = limit, 0
         self._lock = threading.Lock()
 
+    @property
+    def spent(self) -> bool:
+        return self.limit is not None and self.used >= self.limit
+
     def take(self, size: int) -> bool:
         if self.limit is None:
             return True

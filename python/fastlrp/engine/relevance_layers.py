@@ -134,6 +134,8 @@ class AffineLayer(RelevanceLayer):
         if value is not None:
             return value
         value = make()
+        if self.budget.spent:  # nothing more fits: skip the size count in every call
+            return value
         known = {t.untyped_storage().data_ptr() for t in self.sources() if t is not None}
         _new_bytes(list(cache.entries.values()), known)
         size = _new_bytes(value, known)
