@@ -711,6 +711,8 @@ def test_bench_command_writes_a_result_file(tmp_path, capsys):
     assert {"forward", "gradient", "fastlrp:reference"} <= set(providers)
     assert providers["fastlrp:reference"]["status"] == "ok" and providers["fastlrp:reference"]["ratio_to_grad"] > 0
     assert "wrote" in printed
+    # --no-memory: neither the memory column nor its footnote
+    assert "memory:" not in printed and "peak MB" not in printed
 
 
 def test_bench_help_describes_every_option(capsys):

@@ -206,7 +206,8 @@ def add_ratios(rows):
     return rows
 
 
-def format_table(rows):
+def format_table(rows, memory: bool = True):
+    """The rows as an aligned text table; ``memory=False`` leaves out the peak-memory column."""
     def fmt(value, spec):
         return "" if value is None else format(value, spec)
 
@@ -216,6 +217,10 @@ def format_table(rows):
               fmt(r.median_ms, ".1f"), fmt(r.min_ms, ".1f"), fmt(r.ratio_to_grad, ".2f"),
               fmt(r.ratio_to_zennit, ".2f"), fmt(r.peak_mem_mb, ".1f"),
               f"{r.status}: {r.note}"[:70] if r.note else r.status] for r in rows]
+    if not memory:
+        column = header.index("peak MB")
+        header = header[:column] + header[column + 1:]
+        lines = [line[:column] + line[column + 1:] for line in lines]
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h)
               for i, h in enumerate(header)]
     render = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()

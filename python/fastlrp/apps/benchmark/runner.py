@@ -192,8 +192,10 @@ def run(args):
     config["providers"] = providers
     path = write_results(args.name, rows, env, config, args.out)
     print()
-    print(format_table(rows))
-    print(f"\nmemory: {env['memory_meaning']}")
+    print(format_table(rows, memory=args.memory))
+    print()
+    if args.memory:  # the footnote explains a column that --no-memory leaves out
+        print(f"memory: {env['memory_meaning']}")
     print("x grad: median time / median time of the plain input gradient, same model and batch, same run")
     print("x zennit: median time / Zennit's median time for the same composite, same run")
     print(f"wrote {path}")
