@@ -2,8 +2,16 @@
 
 A heatmap is relevance summed over channels (relevance is additive), scaled into [0, 1]
 and looked up in a colour map. With the default ``bwr`` map and symmetric scaling, zero
-relevance is white, positive relevance red and negative blue, and equal magnitudes get
-equal colour strength whatever their sign.
+relevance is white, positive relevance (evidence for the explained class) red and negative
+(evidence against it) blue, and equal magnitudes get equal colour strength whatever their
+sign. Colours saturate at the 99.5th percentile of |R| by default (``DEFAULT_PERCENTILE``):
+LRP maps often hold a few pixels far above the rest, and scaling to the maximum would leave
+everything else near white.
+
+Pictures that explain themselves: ``annotate`` puts a title (class, score) above a picture
+and a labelled colour bar (its end values and what the colours mean) below; ``visualize``
+draws a matplotlib figure (heatmap, overlay, or side by side; all, positive, negative or
+absolute relevance) in the manner of Captum's ``visualize_image_attr``.
 
 Colour maps: the names LRP users know from Zennit and the LRP toolbox are defined here
 from their colour stops (``COLORMAPS``); they take priority over matplotlib's maps of the
@@ -42,6 +50,13 @@ COLORMAPS: dict[str, str] = {
     "red": "000, f00",  # black - red
 }
 DIVERGING = ("bwr", "coldnhot", "seismic", "france", "coolio", "coleus", "blight")
+# What the two ends of a diverging map look like, for legends ("red: for, blue: against").
+END_COLOURS = {"bwr": ("blue", "red"), "seismic": ("blue", "red"), "france": ("blue", "red"),
+               "blight": ("blue", "red"), "coldnhot": ("blue", "red-yellow"), "coolio": ("cyan", "magenta"),
+               "coleus": ("green", "magenta")}
+DEFAULT_PERCENTILE = 99.5
+SIGNS = ("all", "positive", "negative", "absolute")
+MODES = ("heatmap", "overlay", "side_by_side")
 
 
 def _hex_rgb(text: str) -> tuple[float, float, float]:
@@ -127,7 +142,19 @@ def normalize(relevance, symmetric: bool = True, percentile: float | None = None
     return np.clip((r - low) / span, 0.0, 1.0) if span > 0 else np.full_like(r, 0.5)
 
 
-def heatmap(relevance, cmap="bwr", symmetric: bool = True, percentile: float | None = None,
+def relevance_scale(relevance, percentile: float | None = DEFAULT_PERCENTILE) -> float:
+    """The |R| at which symmetric colours saturate: the ``percentile``-th percentile of |R|
+    (None: the maximum). NaN and Inf are left out; 0.0 for an all-zero map."""
+    magnitude = np.abs(_to_numpy(relevance).astype(np.float64)).ravel()
+    magnitude = magnitude[np.isfinite(magnitude)]
+    if percentile is not None and not 0 < percentile <= 100:
+        raise ValueError(f"percentile must lie in (0, 100], got {percentile}")
+    if magnitude.size == 0:
+        return 0.0
+    return float(np.percentile(magnitude, percentile) if percentile is not None else magnitude.max())
+
+
+def heatmap(relevance, cmap="bwr", symmetric: bool = True, percentile: float | None = DEFAULT_PERCENTILE,
             scale: float | None = None) -> np.ndarray:
     """Colour a relevance map; returns a uint8 array of shape [H, W, 3].
 
@@ -135,8 +162,8 @@ def heatmap(relevance, cmap="bwr", symmetric: bool = True, percentile: float | N
     torch lays out images); channels are summed. ``cmap``: see ``COLORMAPS`` (diverging
     maps suit ``symmetric=True``, one-sided maps such as ``hot`` or ``wred`` suit
     ``symmetric=False`` or positive relevance). ``symmetric``, ``percentile`` and ``scale``:
-    see ``normalize``; a percentile such as 99.5 keeps a few extreme pixels from washing out
-    the rest.
+    see ``normalize``. The default percentile, 99.5, keeps a few extreme pixels from washing
+    out the rest; ``percentile=None`` scales to the maximum.
     """
     values = normalize(reduce_channels(relevance), symmetric, percentile, scale)
     rgba = colormap(cmap)(values, bytes=True)
@@ -238,3 +265,170 @@ def png_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(a).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# --- pictures that explain themselves ----------------------------------------------------
+
+def font(size: int = 12):
+    """A TrueType font for captions: matplotlib's DejaVu Sans (always installed with it), else
+    Pillow's built-in one."""
+    path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    try:
+        return ImageFont.truetype(str(path), size)
+    except OSError:
+        return ImageFont.load_default()
+
+
+def colour_meaning(cmap="bwr", target: str | None = None) -> str:
+    """What the colours of a symmetric heatmap mean, in words: "red: evidence for cat, blue:
+    against" for the maps whose end colours are known, else in terms of the bar's ends."""
+    what = f" {target}" if target else ""
+    name = cmap if isinstance(cmap, str) else None
+    if name in END_COLOURS:
+        low, high = END_COLOURS[name]
+        return f"{high}: evidence for{what}, {low}: against"
+    return f"right end: evidence for{what}, left end: against"
+
+
+def _text_width(text: str, face) -> int:
+    return int(math.ceil(face.getlength(text)))
+
+
+def _fit(text: str, face, width: int) -> str:
+    """``text`` cut (with an ellipsis) to ``width`` pixels."""
+    if _text_width(text, face) <= width:
+        return text
+    while text and _text_width(text + "…", face) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def legend(scale: float, cmap="bwr", width: int = 240, target: str | None = None, note: str | None = None,
+           size: int = 11) -> np.ndarray:
+    """A labelled colour bar for symmetric heatmaps, uint8 [h, width, 3] on white: the strip,
+    the values at its ends and middle (-scale, 0, +scale) and a line saying what the colours
+    mean; ``note`` (e.g. how the scale was chosen) on a last line."""
+    face = font(size)
+    line = size + 4
+    strip_h = max(6, size // 2 + 4)
+    lines = [colour_meaning(cmap, target)] + ([note] if note else [])
+    height = strip_h + line + line * len(lines) + 2
+    canvas = Image.new("RGB", (width, height), "white")
+    margin = 4
+    bar = colorbar(cmap, width - 2 * margin, strip_h)
+    canvas.paste(Image.fromarray(bar), (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    low, high = f"-{scale:.3g}", f"+{scale:.3g}"
+    y = strip_h + 1
+    draw.text((margin, y), low, fill="black", font=face)
+    draw.text(((width - _text_width("0", face)) // 2, y), "0", fill="black", font=face)
+    draw.text((width - margin - _text_width(high, face), y), high, fill="black", font=face)
+    for k, text in enumerate(lines):
+        draw.text((margin, y + line * (k + 1)), _fit(text, face, width - 2 * margin), fill="black", font=face)
+    return np.asarray(canvas)
+
+
+def annotate(picture: np.ndarray, title: str | Sequence[str] | None = None, scale: float | None = None,
+             cmap="bwr", target: str | None = None, note: str | None = None, min_width: int = 240,
+             size: int = 11) -> np.ndarray:
+    """``picture`` (uint8 [H, W, 3], kept pixel for pixel) with ``title`` (a line or several)
+    above and, when ``scale`` is given, a ``legend`` below; on white, at least ``min_width``
+    wide so the words fit under a small picture."""
+    face = font(size)
+    picture = image_to_uint8(picture)
+    titles = [title] if isinstance(title, str) else list(title or ())
+    width = max(picture.shape[1], min_width)
+    title_h = (size + 4) * len(titles) + (3 if titles else 0)
+    bar = legend(scale, cmap, width, target, note, size) if scale is not None else None
+    height = title_h + picture.shape[0] + (4 + bar.shape[0] if bar is not None else 0)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, text in enumerate(titles):
+        draw.text((2, 1 + (size + 4) * k), _fit(text, face, width - 4), fill="black", font=face)
+    canvas.paste(Image.fromarray(picture), ((width - picture.shape[1]) // 2, title_h))
+    if bar is not None:
+        canvas.paste(Image.fromarray(bar), (0, title_h + picture.shape[0] + 4))
+    return np.asarray(canvas)
+
+
+def _signed(relevance: np.ndarray, sign: str) -> np.ndarray:
+    if sign == "all":
+        return relevance
+    if sign == "positive":
+        return np.clip(relevance, 0.0, None)
+    if sign == "negative":
+        return np.clip(-relevance, 0.0, None)  # as magnitudes, so one colour map reads them
+    if sign == "absolute":
+        return np.abs(relevance)
+    raise ValueError(f"sign must be one of {', '.join(SIGNS)}, got {sign!r}")
+
+
+def visualize(relevance, image=None, mode: str = "side_by_side", sign: str = "all", cmap=None,
+              percentile: float | None = DEFAULT_PERCENTILE, alpha: float = 0.6, title: str | None = None,
+              target: str | None = None, colorbar: bool = True, figsize: tuple | None = None):
+    """A matplotlib Figure of one explanation, readable without the docs.
+
+    ``relevance``: [H, W] or [C, H, W] (channels summed); ``image``: the input ([3, H, W] or
+    [H, W, 3] in [0, 1], or uint8), needed by ``mode`` ``overlay`` (the heatmap over the grey
+    image) and ``side_by_side`` (the image, then the heatmap); ``heatmap`` shows the map alone.
+    ``sign``: ``all`` (diverging map, default ``bwr``: red for, blue against), ``positive`` or
+    ``negative`` (that part only, as magnitudes, ``wred`` / ``wblue``), ``absolute`` (|R|,
+    ``hot``). Colours saturate at the ``percentile``-th percentile of the shown values (None:
+    the maximum). ``target`` names the explained class in the colour bar's label. As Captum's
+    ``visualize_image_attr`` (methods heat_map / blended_heat_map, signs all / positive /
+    negative / absolute_value). The figure is a bare ``matplotlib.figure.Figure`` (no pyplot
+    state): ``fig.savefig(path)`` writes it.
+    """
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if sign not in SIGNS:
+        raise ValueError(f"sign must be one of {', '.join(SIGNS)}, got {sign!r}")
+    if mode != "heatmap" and image is None:
+        raise ValueError(f"mode {mode!r} draws the input too: pass image=, or use mode='heatmap'")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    values = _signed(reduce_channels(relevance), sign)
+    symmetric = sign == "all"
+    cmap = cmap or {"all": "bwr", "positive": "wred", "negative": "wblue", "absolute": "hot"}[sign]
+    scale = relevance_scale(values, percentile)
+    if symmetric:
+        colours = heatmap(values, cmap, scale=scale)
+        norm = Normalize(-scale, scale)
+    else:  # one-sided: 0 at the map's low end, the scale at its high end
+        unit = np.clip(values / scale, 0.0, 1.0) if scale > 0 else np.zeros_like(values)
+        colours = np.ascontiguousarray(colormap(cmap)(unit, bytes=True)[..., :3])
+        norm = Normalize(0.0, scale)
+    panels = []
+    if image is not None:
+        picture = image_to_uint8(image)
+        if picture.shape[:2] != colours.shape[:2]:
+            raise ValueError(f"image {picture.shape[:2]} and relevance {colours.shape[:2]} differ in size")
+    if mode == "side_by_side":
+        panels = [(picture, "input"), (colours, "relevance")]
+    elif mode == "overlay":
+        grey = picture.astype(np.float64).mean(-1) / 255.0
+        panels = [(overlay(grey, colours, alpha), "relevance over the input")]
+    else:
+        panels = [(colours, "relevance")]
+    figure = Figure(figsize=figsize or (3.0 * len(panels) + (1.1 if colorbar else 0.0), 3.4), layout="constrained")
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (pixels, name) in zip(axes, panels):
+        ax.imshow(pixels, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    if title:
+        figure.suptitle(title, fontsize=10)
+    if colorbar:
+        what = f" {target}" if target else ""
+        label = {"all": colour_meaning(cmap, target), "positive": f"positive relevance (evidence for{what})",
+                 "negative": f"|negative relevance| (evidence against{what})",
+                 "absolute": f"|relevance| (evidence for or against{what})"}[sign]
+        bar = figure.colorbar(ScalarMappable(norm=norm, cmap=colormap(cmap)), ax=list(axes), shrink=0.85)
+        scaled = f"saturates at the {percentile:g}th percentile" if percentile is not None else "scaled to the maximum"
+        bar.set_label(f"{label}\n({scaled})", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+    return figure
