@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 from torch import nn
 
 from . import layers
-from .rules import AlphaBeta, Epsilon, Flat, Gamma, Norm, Pass, Rule, WSquare, ZBox, ZPlus
+from .rules import (AlphaBeta, AttnLRP, Epsilon, Flat, Gamma, LayerNormIdentity, Norm, Pass, Rule, SoftmaxRule, Uniform,
+                    WSquare, ZBox, ZPlus)
 
 LayerMap = Sequence[tuple]  # [(type or tuple of types, Rule), ...]
 
@@ -154,6 +155,29 @@ def deep_taylor_wsquare(stabilizer=1e-6, zero_params=None, layer_map=(), first_m
     return composite
 
 
+def attnlrp(epsilon=1e-6, stabilizer=1e-6, zero_params=None, hold_attention=False, layer_map=(), first_map=(),
+            name_map=None):
+    """AttnLRP (Achtibat et al., ICML 2024): Linear-type layers Epsilon; attention blocks AttnLRP;
+    softmax the softmax rule; products of two relevance-carrying tensors the uniform rule; layer norms
+    the identity rule on the normalization; activations (GELU, SiLU, ...) and scaling by a constant
+    pass relevance unchanged (identity rule); sums and averages Norm. ``hold_attention=True`` is
+    CP-LRP (``cp_lrp``)."""
+    return Composite(list(layer_map) + base_layer_map(stabilizer) + [
+        (layers.Scale, Pass()),
+        (layers.Normalization, LayerNormIdentity(stabilizer)),
+        (layers.Softmax, SoftmaxRule()),
+        (layers.Product, Uniform(stabilizer, hold_attention)),
+        (layers.Attention, AttnLRP(stabilizer, hold_attention)),
+        (layers.Linear, Epsilon(epsilon, zero_params)),
+    ], list(first_map), dict(name_map or {}))
+
+
+def cp_lrp(epsilon=1e-6, stabilizer=1e-6, zero_params=None, layer_map=(), first_map=(), name_map=None):
+    """CP-LRP (Ali et al., ICML 2022): as ``attnlrp``, with the attention weights held constant, so
+    relevance flows through the values only (what LXT applies to torchvision's ViT)."""
+    return attnlrp(epsilon, stabilizer, zero_params, True, layer_map, first_map, name_map)
+
+
 PRESETS: dict[str, Callable[..., Composite]] = {
     "epsilon_plus": epsilon_plus,
     "epsilon_plus_flat": epsilon_plus_flat,
@@ -164,6 +188,8 @@ PRESETS: dict[str, Callable[..., Composite]] = {
     "deep_taylor": deep_taylor,
     "deep_taylor_box": deep_taylor_box,
     "deep_taylor_wsquare": deep_taylor_wsquare,
+    "attnlrp": attnlrp,
+    "cp_lrp": cp_lrp,
 }
 
 

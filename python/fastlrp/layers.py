@@ -77,8 +77,46 @@ class GatedProduct(nn.Module):
         return a * b
 
 
+class Scale(nn.Module):
+    """``x * c`` or ``x / c`` by a Python number (attention's 1/sqrt(d), a residual's 0.5)."""
+
+    def __init__(self, factor: float = 1.0):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+class Product(nn.Module):
+    """A product of two relevance-carrying tensors: ``a * b`` of the same shape, ``a @ b``, ``bmm``,
+    ``einsum`` of two operands (attention scores and their values)."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a @ b
+
+
+class Function(nn.Module):
+    """A function the trace keeps whole and explains as one block: ``F.scaled_dot_product_attention``
+    and helpers wrapped for torch.fx (torchvision's ``shifted_window_attention``, MViT's
+    ``_add_rel_pos``). ``name`` is the function's name."""
+
+    def __init__(self, name: str = ""):
+        super().__init__()
+        self.name = name
+
+
+Normalization = (nn.LayerNorm, nn.RMSNorm)
+"""Layer norms (torchvision's LayerNorm2d is an nn.LayerNorm)."""
+
+Attention = (nn.MultiheadAttention, Function)
+"""Attention blocks and functions the trace keeps whole."""
+
+Softmax = (nn.Softmax,)
+
 AvgPool = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
            nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, Mean)
 """Average pooling, adaptive average pooling and means over dimensions."""
 
-SUPPORTED = Linear + BatchNorm + MaxPool + Activation + Structural + AvgPool + (Sum, GatedProduct)
+SUPPORTED = (Linear + BatchNorm + MaxPool + Activation + Structural + AvgPool + Normalization + Attention + Softmax
+             + (Sum, GatedProduct))

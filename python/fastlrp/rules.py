@@ -5,6 +5,8 @@ and defaults, docs/rules.md) is declared once, by ``form()``: its parts and deno
 vocabulary of ``fastlrp.linear_form``. Every backend runs that declaration; to add a rule, subclass
 ``LinearRule`` and write ``form()`` (docs/design.md, "Adding a rule"). Pass, Norm and Gradient cover
 the parameter-free layers; Proportional, GuidedBackprop and DeconvNet are named alternatives.
+AttnLRP, SoftmaxRule, Uniform and LayerNormIdentity are the transformer rules of AttnLRP (Achtibat et
+al., ICML 2024); ``hold_attention=True`` on AttnLRP and Uniform gives CP-LRP (Ali et al., ICML 2022).
 """
 
 from __future__ import annotations
@@ -213,5 +215,49 @@ class DeconvNet(Rule):
     kind = "relu"
 
 
+@dataclass(repr=False)
+class SoftmaxRule(Rule):
+    """AttnLRP's softmax rule (Achtibat et al. 2024, Prop. 3.1): R_in = x * (R - s * sum(R)) over the
+    softmax dimension, s the softmax output; masked logits (-inf) count as 0."""
+
+    kind = "softmax"
+
+
+@dataclass(repr=False)
+class Uniform(Rule):
+    """A product of two relevance-carrying tensors (``a * b``, ``a @ b``, ``einsum``): Epsilon on the
+    product, split equally between the two factors (AttnLRP's uniform rule, Prop. 3.3).
+    ``hold_attention=True`` (CP-LRP): where one factor comes from a softmax it is held constant and
+    the other factor receives all of the relevance."""
+
+    kind = "bilinear"
+    stabilizer: float = 1e-6
+    hold_attention: bool = False
+
+
+@dataclass(repr=False)
+class LayerNormIdentity(Rule):
+    """LayerNorm, RMSNorm, LayerNorm2d: the identity rule on the division by the standard deviation
+    (held constant, AttnLRP Prop. 3.4), Epsilon on the rest, which is then affine (centering, scale,
+    bias)."""
+
+    kind = "normalization"
+    stabilizer: float = 1e-6
+
+
+@dataclass(repr=False)
+class AttnLRP(Rule):
+    """AttnLRP inside an attention block or a function the trace keeps whole (``nn.MultiheadAttention``,
+    ``F.scaled_dot_product_attention``, torchvision's window attention): the softmax rule, the uniform
+    rule on products of two relevance-carrying tensors, the identity rule on normalizations and
+    element-wise activations, LRP-0 on the linear ops between them, stabilized at the block's output.
+    ``hold_attention=True``: CP-LRP (Ali et al. 2022), the attention weights held constant."""
+
+    kind = "attention"
+    stabilizer: float = 1e-6
+    hold_attention: bool = False
+
+
 __all__ = ["Rule", "LinearRule", "Epsilon", "ZPlus", "AlphaBeta", "Gamma", "ZBox", "WSquare", "Flat",
-           "Pass", "Norm", "Gradient", "Proportional", "GuidedBackprop", "DeconvNet", "broadcast_bound"]
+           "Pass", "Norm", "Gradient", "Proportional", "GuidedBackprop", "DeconvNet",
+           "SoftmaxRule", "Uniform", "LayerNormIdentity", "AttnLRP", "broadcast_bound"]

@@ -31,6 +31,10 @@ class Call:
     """The output of each tapped layer."""
     used: dict = field(default_factory=dict)
     """The backend that ran each layer (by layer name)."""
+    conditions: dict = field(default_factory=dict)
+    """Concept conditioning: the relevance arriving at a named layer's output is multiplied by its mask."""
+    outputs: dict = field(default_factory=dict)
+    """The output of each conditioned layer, still in the autograd graph (a backward pass may start there)."""
 
 
 _CURRENT: contextvars.ContextVar = contextvars.ContextVar("fastlrp_call", default=None)

@@ -17,6 +17,7 @@ from .._common.model_view import training_warning
 from .._common.targets import starting_relevance
 from . import graph as _graph
 from .batching import is_out_of_memory, join, target_part
+from .defaults import default_composite
 from .call import TRACE_LOCK, Call, ParameterWatch, WeightBudget, active
 from .relevance_layers import AffineLayer, RelevanceLayer
 
@@ -42,13 +43,15 @@ class Explanation:
 class LRP:
     """Layer-wise Relevance Propagation explainer for a PyTorch model.
 
-    ``LRP(model, composite="epsilon_plus", **rule_options)`` traces the model once; then
+    ``LRP(model, composite=None, **rule_options)`` traces the model once; then
     ``explainer(x, target)`` returns the relevance of ``x`` (same shape) for ``target``.
 
     Parameters
     ----------
     model: the network; it is never modified. It is explained in eval mode.
-    composite: a preset name (``fastlrp.composites.names()``) or a ``fastlrp.Composite``.
+    composite: a preset name (``fastlrp.composites.names()``) or a ``fastlrp.Composite``; None (default)
+        chooses by the model (``engine.defaults.default_composite``): ``"attnlrp"`` for models with
+        attention or layer norms, else ``"epsilon_plus"``.
     start: ``"logit"`` (default) starts from the target's output value f_c(x), so relevance sums
         to the prediction where rules conserve; ``"one"`` starts from 1 (Zennit's one-hot).
     maxpool: ``"winner"`` (gradient, Zennit's behaviour) or ``"proportional"``.
@@ -75,7 +78,7 @@ class LRP:
         ``zero_params="bias"``, ``layer_map=[(nn.Linear, Epsilon(0.25))]``.
     """
 
-    def __init__(self, model: nn.Module, composite="epsilon_plus", *, start: str = "logit",
+    def __init__(self, model: nn.Module, composite=None, *, start: str = "logit",
                  maxpool: str = "winner", fold_batchnorm: bool = True, functional_rules: bool = True,
                  passthrough: Sequence = (), backend: str | None = None, save_memory: bool = False,
                  nonfinite: str = "warn", weight_cache: float | None = 1.0, **rule_options):
@@ -88,6 +91,8 @@ class LRP:
         if nonfinite not in ("warn", "raise"):
             raise ValueError(f"nonfinite must be 'warn' or 'raise', got {nonfinite!r}")
         self.nonfinite = nonfinite
+        if composite is None:
+            composite = default_composite(model)
         self.composite = _composites.get(composite, **rule_options)
         self.start = start
         self.backend = _backends.choose(backend)
@@ -153,8 +158,18 @@ class LRP:
                  for i in range(0, n, half)]
         return join(parts, Explanation)
 
-    def _explain_batch(self, x, target, layers) -> Explanation:
-        call = Call(_backends.chain(self.backend), self.save_memory, frozenset(layers))
+    def _explain_conditioned(self, x, target, conditions: dict, through: Sequence[str] = (),
+                             layers: Sequence[str] = ()) -> Explanation:
+        """The entry point of ``fastlrp.concepts``: one forward and one backward pass in which the relevance
+        arriving at each layer of ``conditions`` ({name: mask broadcastable to its output}) is multiplied
+        by the mask. The backward pass is chained through the layers of ``through`` (output first), so no
+        relevance reaches the input on a path that bypasses them (zennit-crp's ``exclude_parallel``)."""
+        self._check_input(x)
+        self._check_finite(x)
+        return self._explain_batch(x, target, tuple(layers), conditions, tuple(through))
+
+    def _explain_batch(self, x, target, layers, conditions=None, through=()) -> Explanation:
+        call = Call(_backends.chain(self.backend), self.save_memory, frozenset(layers), conditions=conditions or {})
         # (a lock cannot be traced by torch.compile; a compiled call does not run concurrently with a build)
         guard = contextlib.nullcontext() if torch.compiler.is_compiling() else TRACE_LOCK.reading()
         with guard, active(call):
@@ -163,7 +178,7 @@ class LRP:
                 x_leaf = x.detach().requires_grad_(True)
                 output = self.graph_module(x_leaf)
                 start = starting_relevance(output, target, self.start)
-                (relevance,) = torch.autograd.grad(output, x_leaf, start)
+                relevance = _relevance_through(call, output, start, x_leaf, through)
         return Explanation(relevance, output.detach(), start.detach(), dict(call.captured), dict(call.activations),
                            dict(call.used))
 
@@ -201,6 +216,18 @@ class LRP:
                                 f"use x.to({param.dtype}) or model.to({x.dtype})")
         if self._input_layer is not None:
             _check_first_layer(self._input_layer, x)
+
+
+def _relevance_through(call, output, start, x_leaf, through):
+    """The backward pass from ``output`` to ``x_leaf``, in stages through the outputs of ``through``."""
+    tensor, relevance = output, start
+    for site in through:
+        if site not in call.outputs:
+            raise ValueError(f"layer {site!r} is not conditioned or carries no relevance in this call")
+        (relevance,) = torch.autograd.grad(tensor, call.outputs[site], relevance)  # masked by its hook
+        tensor = call.outputs[site]
+    (relevance,) = torch.autograd.grad(tensor, x_leaf, relevance)
+    return relevance
 
 
 def _weight_budget(model: nn.Module, multiple) -> int | None:

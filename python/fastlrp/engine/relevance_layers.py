@@ -47,6 +47,11 @@ class RelevanceLayer(nn.Module):
             backend = next(b for b in call.backends if b.supports(self, inputs))
             call.used[self.site] = backend.name
             output = backend.forward(self, inputs)
+        mask = call.conditions.get(self.site)
+        if mask is not None and isinstance(output, torch.Tensor) and output.requires_grad:
+            call.outputs[self.site] = output  # a chained backward pass restarts here, below the mask
+            output = output.view_as(output)  # the mask's own node; before the tap, so taps see masked relevance
+            output.register_hook(lambda relevance: relevance * mask)
         if self.site in call.taps and isinstance(output, torch.Tensor):
             call.activations[self.site] = output.detach()
             if output.requires_grad:
