@@ -61,7 +61,8 @@ def test_explain_writes_heatmaps_overlays_and_predictions(tmp_path, capsys):
     sub.mkdir()
     images.append(write_image(sub / "a.png", seed=3))  # same name, other folder
     out = tmp_path / "out"
-    code, printed, err = run_cli(capsys, "explain", *images, "--model", TINY, "--out", out, "--target", "2")
+    code, printed, err = run_cli(capsys, "explain", *images, "--model", TINY, "--out", out, "--target", "2",
+                                 "--plain")
     assert code == 0, err
     report = json.loads((out / "predictions.json").read_text())
     assert [r["path"] for r in report["images"]] == [str(p) for p in images]
@@ -80,6 +81,91 @@ def test_explain_writes_heatmaps_overlays_and_predictions(tmp_path, capsys):
                 assert np.asarray(im).std() > 0
     assert {r["heatmap"] for r in report["images"]} == {"a_heatmap.png", "b_heatmap.png", "a-1_heatmap.png"}
     assert str(out / "predictions.json") in printed
+
+
+def _png(path):
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_explain_pictures_are_labelled_and_percentile_scaled(tmp_path, capsys):
+    from fastlrp import viz
+    from fastlrp.apps.pipelines import images as pipeline
+
+    image = write_image(tmp_path / "a.png", size=(20, 24), seed=1)
+    code, printed, err = run_cli(capsys, "explain", image, "--model", TINY, "--out", tmp_path / "plain", "--plain")
+    assert code == 0, err
+    code, printed, err = run_cli(capsys, "explain", image, "--model", TINY, "--out", tmp_path / "labelled")
+    assert code == 0, err
+    record = json.loads((tmp_path / "labelled" / "predictions.json").read_text())["images"][0]
+    # the colour scale is the 99.5th percentile of |R| by default, recorded per image
+    model = __import__("cli_tiny_models").tiny_cnn()
+    x = torch.from_numpy(_png(image).astype(np.float32) / 255).permute(2, 0, 1)[None]
+    import fastlrp
+
+    relevance = fastlrp.LRP(model, composite="epsilon_plus")(x, record["target"])[0].sum(0)
+    assert record["colour_scale"] == pytest.approx(float(np.percentile(relevance.abs().numpy(), 99.5)), rel=1e-4)
+    for kind in ("heatmap", "overlay"):
+        plain, labelled = _png(tmp_path / "plain" / record[kind]), _png(tmp_path / "labelled" / record[kind])
+        assert plain.shape == (20, 24, 3)
+        # the labelled PNG holds the plain one, enlarged for reading, with title above and colour bar below
+        factor = pipeline.READABLE // 24
+        enlarged = viz.upscale(plain, factor)
+        h, w = enlarged.shape[:2]
+        assert labelled.shape[1] >= max(w, pipeline.LABELLED_WIDTH)
+        hits = [(y, x) for y in range(labelled.shape[0] - h) for x in [(labelled.shape[1] - w) // 2]
+                if (labelled[y:y + h, x:x + w] == enlarged).all()]
+        assert len(hits) == 1
+        top = hits[0][0]
+        assert (labelled[:top] < 100).any()  # title text
+        below = labelled[top + h:]
+        row = below[np.nonzero((below[..., 2] > 200) & (below[..., 0] < 60))[0][0]]
+        assert row[8, 2] > 200 and row[-9, 0] > 200 and row[-9, 2] < 60  # the bar: blue (against) to red (for)
+    # the default scale and an explicit --clip-percentile 99.5 agree; 100 is the maximum
+    code, _, err = run_cli(capsys, "explain", image, "--model", TINY, "--out", tmp_path / "max",
+                           "--clip-percentile", "100")
+    assert code == 0, err
+    maximum = json.loads((tmp_path / "max" / "predictions.json").read_text())["images"][0]["colour_scale"]
+    assert maximum == pytest.approx(float(relevance.abs().max()), rel=1e-4) and maximum > record["colour_scale"]
+
+
+def test_explain_names_classes_from_torchvision_or_labels_file(tmp_path, capsys):
+    torchvision = pytest.importorskip("torchvision")
+    image = write_image(tmp_path / "x.png", size=(32, 32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights
+        code, printed, err = run_cli(capsys, "explain", image, "--model", "resnet18", "--out", tmp_path / "tv")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "tv" / "predictions.json").read_text())
+    categories = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+    record = summary["images"][0]
+    assert "ResNet18_Weights.IMAGENET1K_V1" in summary["class_names"] and "softmax" in summary["scores"]
+    assert record["prediction_name"] == categories[record["prediction"]]
+    assert [t["name"] for t in record["top"]] == [categories[t["class"]] for t in record["top"]]
+    assert sorted((t["probability"] for t in record["top"]), reverse=True) == [t["probability"] for t in record["top"]]
+    assert categories[record["prediction"]] in printed
+
+    (tmp_path / "names.txt").write_text("cat\ndog\nbird\n")
+    (tmp_path / "names.json").write_text(json.dumps({"0": "cat", "2": "bird", "1": "dog"}))
+    for labels in ("names.txt", "names.json"):
+        code, _, err = run_cli(capsys, "explain", image, "--model", TINY, "--labels", tmp_path / labels,
+                               "--out", tmp_path / labels.replace(".", "_"), "--target", "1")
+        assert code == 0, err
+        summary = json.loads((tmp_path / labels.replace(".", "_") / "predictions.json").read_text())
+        record = summary["images"][0]
+        assert record["target_name"] == "dog" and summary["class_names"] == f"--labels {tmp_path / labels}"
+        assert {t["name"] for t in record["top"]} == {"cat", "dog", "bird"}
+    # without names: indices, said as such
+    code, _, err = run_cli(capsys, "explain", image, "--model", TINY, "--out", tmp_path / "plain")
+    summary = json.loads((tmp_path / "plain" / "predictions.json").read_text())
+    assert summary["class_names"] is None and summary["images"][0]["prediction_name"].startswith("class ")
+    (tmp_path / "two.txt").write_text("cat\ndog\n")
+    code, out, err = run_cli(capsys, "explain", image, "--model", TINY, "--labels", tmp_path / "two.txt",
+                             "--out", tmp_path / "bad")
+    assert_one_line_error(code, out, err, "2 class names", "3 outputs")
+    code, out, err = run_cli(capsys, "explain", image, "--model", TINY, "--labels", tmp_path / "missing.txt",
+                             "--out", tmp_path / "bad")
+    assert_one_line_error(code, out, err, "--labels", "does not exist")
 
 
 def test_explain_torchvision_name_warns_random_weights_and_loads_weights(tmp_path, capsys):

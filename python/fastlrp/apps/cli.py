@@ -96,10 +96,11 @@ def _cmd_explain(args) -> int:
 
     summary = explain_images(args.images, size=args.size, normalize=args.normalize, convert=args.convert,
                              out_dir=args.out, cmap=args.cmap, alpha=args.alpha, percentile=args.percentile,
-                             batch_size=args.batch_size, max_pixels=args.max_pixels, **_model_args(args))
+                             batch_size=args.batch_size, max_pixels=args.max_pixels, labels=args.labels,
+                             plain=args.plain, **_model_args(args))
     for record in summary["images"]:
-        print(f"{record['path']}: predicted {record['prediction']}, explained {record['target']} "
-              f"(logit {record['target_logit']:.3f}) -> {record['overlay']}")
+        print(f"{record['path']}: predicted {record['prediction_name']} (p={record['prediction_probability']:.1%}), "
+              f"explained {record['target_name']} (logit {record['target_logit']:.3f}) -> {record['overlay']}")
     print(f"wrote {2 * len(summary['images'])} PNGs and {summary['json']}")
     return 0
 
@@ -122,10 +123,11 @@ def _cmd_volume(args) -> int:
     from .pipelines.volume import explain_volume
 
     summary = explain_volume(args.input, args.out, intensity=args.intensity, png=args.png, cmap=args.cmap,
-                             alpha=args.alpha, percentile=args.percentile, **_model_args(args))
+                             alpha=args.alpha, percentile=args.percentile, labels=args.labels, **_model_args(args))
     print(f"wrote {summary['out']} (relevance {'x'.join(map(str, summary['shape']))}, the input's affine and "
           f"header) and {summary['png']}")
-    print(f"predicted {summary['prediction']}, explained {summary['target']} (logit {summary['target_logit']:.3f}, "
+    print(f"predicted {summary['prediction_name']}, explained {summary['target_name']} "
+          f"(logit {summary['target_logit']:.3f}, "
           f"sum of relevance {summary['relevance_sum']:.3f}); peak |relevance| at voxel {summary['peak_voxel']}")
     return 0
 
@@ -214,8 +216,19 @@ def _add_render_options(p, alpha: float = 0.6) -> None:
     p.add_argument("--cmap", default="bwr", metavar="NAME",
                    help=f"colour map: {', '.join(COLORMAPS)} or a matplotlib name (default: bwr)")
     p.add_argument("--alpha", type=_fraction, default=alpha, help=f"heatmap opacity over the input (default: {alpha})")
-    p.add_argument("--percentile", type=_percentile, metavar="P",
-                   help="scale colours to the P-th percentile of |relevance| (e.g. 99.5) instead of the maximum")
+    from ..viz import DEFAULT_PERCENTILE
+
+    p.add_argument("--clip-percentile", "--percentile", dest="percentile", type=_percentile, metavar="P",
+                   default=DEFAULT_PERCENTILE,
+                   help=f"colours saturate at the P-th percentile of |relevance| (default: {DEFAULT_PERCENTILE:g}, so "
+                        "a few extreme pixels do not wash out the rest; 100: the maximum)")
+
+
+def _add_labels_option(p) -> None:
+    p.add_argument("--labels", metavar="FILE",
+                   help="class names, one per line in class-index order or JSON (a list, or {index: name}), for "
+                        "titles and JSON (default: the categories of torchvision's weights for torchvision models, "
+                        "class indices otherwise)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,10 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
     explain = commands.add_parser(
         "explain", help="heatmaps and overlays for image files, with a JSON of predictions",
         description="Explain image files with a classifier; writes <name>_heatmap.png, <name>_overlay.png "
-        "and predictions.json (top classes, explained class, relevance sum) to --out.")
+        "(each titled with the explained class, its probability and logit, above a colour bar: red is evidence "
+        "for the class, blue against) and predictions.json (top classes with names, probabilities and logits, "
+        "explained class, relevance sum) to --out.")
     explain.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
     _add_model_options(explain)
     _add_render_options(explain)
+    _add_labels_option(explain)
+    explain.add_argument("--plain", action="store_true",
+                         help="PNGs without title and colour bar: the bare heatmap and overlay at the image's size")
     explain.add_argument("--out", default="fastlrp-explain", help="output folder (default: ./fastlrp-explain)")
     explain.add_argument("--batch-size", type=_positive_int, default=8, help="images per batch (default: 8)")
     _add_pixel_limit(explain)
@@ -281,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     volume.add_argument("input", metavar="IN", help="input NIfTI file")
     _add_model_options(volume, image_input=False)
     _add_render_options(volume)
+    _add_labels_option(volume)
     volume.add_argument("--out", required=True, metavar="OUT.nii.gz", help="output NIfTI file")
     volume.add_argument("--intensity", choices=("zscore", "minmax", "none"), default="zscore",
                         help="intensity scaling per channel before the model (default: zscore)")

@@ -196,3 +196,98 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name} asked for but CUDA is not available here; use --device cpu")
     return device
+
+
+# --- class names -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ClassNames:
+    """Names of a model's output classes and where they came from (for predictions.json)."""
+
+    names: tuple
+    source: str
+
+    def __call__(self, index: int) -> str:
+        return self.names[index]
+
+
+def read_labels(path: str | Path) -> tuple:
+    """Class names from ``--labels FILE``: a JSON list, a JSON object {index: name} (indices 0..K-1),
+    or plain text with one name per line (blank lines at the end ignored). One-line errors."""
+    import json
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"--labels {path} does not exist or is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"--labels {path} is not UTF-8 text; give one class name per line, or JSON") from None
+    stripped = text.strip()
+    if stripped.startswith(("[", "{")):
+        try:
+            data = json.loads(stripped)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--labels {path} looks like JSON but does not parse ({err})") from None
+        if isinstance(data, dict):
+            try:
+                by_index = {int(k): str(v) for k, v in data.items()}
+            except ValueError:
+                raise ValueError(f"--labels {path}: JSON object keys must be class indices 0..K-1") from None
+            if sorted(by_index) != list(range(len(by_index))):
+                raise ValueError(f"--labels {path}: JSON object keys must be the class indices 0..{len(by_index) - 1}, "
+                                 "each once")
+            names = tuple(by_index[k] for k in range(len(by_index)))
+        elif isinstance(data, list):
+            names = tuple(str(v) for v in data)
+        else:
+            raise ValueError(f"--labels {path}: JSON must be a list of names or an object {{index: name}}")
+    else:
+        names = tuple(line.strip() for line in stripped.splitlines())
+    if not names:
+        raise ValueError(f"--labels {path} holds no class names")
+    return names
+
+
+def torchvision_class_names(spec: str) -> ClassNames | None:
+    """The categories torchvision ships in the metadata of a model's weights (ImageNet-1k for image
+    classifiers, Kinetics-400 for video ones); nothing is downloaded. None for factories and models
+    without such metadata."""
+    if is_factory(spec):
+        return None
+    try:
+        import torchvision
+
+        weights = list(torchvision.models.get_model_weights(spec))
+    except (ImportError, ValueError, KeyError):
+        return None
+    for entry in weights:
+        categories = entry.meta.get("categories")
+        if categories:
+            return ClassNames(tuple(categories), f"torchvision {type(entry).__name__}.{entry.name} categories")
+    return None
+
+
+def class_names(spec: str, labels: str | Path | None = None) -> ClassNames | None:
+    """Names for the model's classes: ``--labels FILE`` when given, else torchvision's categories
+    for a torchvision model name, else None (the pipelines then show class indices). Whether the
+    count fits the model's output is checked by ``fit_class_names`` once the output is known."""
+    if labels is not None:
+        return ClassNames(read_labels(labels), f"--labels {labels}")
+    return torchvision_class_names(spec)
+
+
+def fit_class_names(names: ClassNames | None, classes: int, explicit: bool) -> ClassNames | None:
+    """``names`` when it has one name per output class. Otherwise an error for ``--labels`` (the
+    user's file does not fit) and None for torchvision's categories (e.g. under --num-classes)."""
+    if names is None or len(names.names) == classes:
+        return names
+    if explicit:
+        raise ValueError(f"{names.source} holds {len(names.names)} class names but the model gives {classes} "
+                         "outputs; give one name per class, in class-index order")
+    return None
+
+
+def class_label(names: ClassNames | None, index: int) -> str:
+    """``name`` for a class, or ``class 7`` without names."""
+    return names(index) if names is not None else f"class {index}"

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .. import models
+from ... import viz
 from ...extras import require
 from .common import (check_cmap, check_input_file, check_method, convert_fix, make_explainer, preprocessing,
                      progress, refuse_input_as_output, temporary_name)
@@ -162,7 +163,7 @@ def _even(array: np.ndarray) -> np.ndarray:
 
 def explain_video(in_path, out_path, model_spec: str, weights=None, num_classes=None, composite=None,
                   target="pred", size=None, normalize="auto", convert=None, batch_size=None, clip_length=16,
-                  clip_stride=None, cmap="bwr", alpha=0.6, percentile=None, device="auto", codec=None,
+                  clip_stride=None, cmap="bwr", alpha=0.6, percentile=viz.DEFAULT_PERCENTILE, device="auto", codec=None,
                   method="lrp", layer=None, passthrough=(), method_options=None, nonfinite="warn") -> dict:
     """Write a video of relevance overlays of ``in_path`` to ``out_path``; return counts and speed.
 
@@ -229,7 +230,7 @@ def explain_video(in_path, out_path, model_spec: str, weights=None, num_classes=
     bar = progress(total=in_stream.frames or None, desc="video", unit="frame")  # the rate is frames/s
     try:
         for frame_pixels, frame_rel in explained:
-            _, over = render(frame_pixels, frame_rel, cmap, alpha, percentile)
+            _, over, _ = render(frame_pixels, frame_rel, cmap, alpha, percentile)
             over = _even(over)
             if out_stream is None:
                 out_stream = sink.add_stream(codec, rate=rate)
