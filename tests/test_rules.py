@@ -29,6 +29,12 @@ def make_layer(kind, bias):
         return nn.Conv2d(3, 4, (2, 3), padding=(1, 0), dilation=(1, 2), groups=1, bias=bias), (2, 3, 5, 6)
     if kind == "conv2d_groups":
         return nn.Conv2d(4, 6, 3, stride=2, groups=2, bias=bias), (2, 4, 7, 5)
+    if kind == "conv2d_groups_1x1":  # ShuffleNet v1, RegNet, ResNeXt: 3 groups, 2 in and 3 out channels each
+        return nn.Conv2d(6, 9, 1, groups=3, bias=bias), (2, 6, 4, 3)
+    if kind == "conv2d_depthwise":  # MobileNet, EfficientNet: one filter per channel, padded, strided
+        return nn.Conv2d(5, 5, 3, stride=2, padding=1, groups=5, bias=bias), (2, 5, 6, 7)
+    if kind == "conv1d_depthwise_multiplier":  # two filters per input channel
+        return nn.Conv1d(3, 6, 3, padding=1, groups=3, bias=bias), (2, 3, 8)
     if kind == "conv3d":
         return nn.Conv3d(2, 3, 2, stride=(1, 2, 1), bias=bias), (1, 2, 3, 4, 3)
     if kind == "convT1d":
@@ -40,7 +46,11 @@ def make_layer(kind, bias):
     raise ValueError(kind)
 
 
-KINDS = ["linear", "conv1d", "conv2d", "conv2d_groups", "conv3d", "convT1d", "convT2d", "convT3d"]
+KINDS = ["linear", "conv1d", "conv2d", "conv2d_groups", "conv2d_groups_1x1", "conv2d_depthwise",
+         "conv1d_depthwise_multiplier", "conv3d", "convT1d", "convT2d", "convT3d"]
+# the kinds the native backend runs in block form; the transposed convolutions run the reference rule
+NATIVE_KINDS = ["linear", "conv1d", "conv2d", "conv2d_groups", "conv2d_groups_1x1", "conv2d_depthwise",
+                "conv1d_depthwise_multiplier", "conv3d"]
 
 
 def jacobian(op, weight, sample_shape):
@@ -146,7 +156,7 @@ TRITON_KINDS = ["linear", "conv1d", "conv2d", "conv2d_groups", "conv3d"]
 def expected_backend(backend, kind):
     """Which backend must run the layer: the asked one where it has the layer's form, else a fallback."""
     if backend == "native":
-        return "native" if kind in ("linear", "conv1d", "conv2d", "conv3d") else "reference"
+        return "native" if kind in NATIVE_KINDS else "reference"
     if backend == "triton":
         return "triton" if kind in TRITON_KINDS else None
     return "reference"
@@ -205,7 +215,7 @@ def test_rule_on_backend_matches_dense_derivation(backend, kind, bias, rule):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["linear", "conv2d", "convT2d"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "conv2d_groups", "conv2d_depthwise", "convT2d"])
 @pytest.mark.parametrize("rule", ["zplus", "alpha_beta", "free_alpha_beta", "gamma"])
 def test_rule_after_a_relu_drops_the_negative_parts_exactly(backend, kind, rule):
     check_rule(backend, kind, True, rule, nonnegative=True, dtype=torch.float64, tol=1e-9)

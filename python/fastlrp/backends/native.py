@@ -13,6 +13,13 @@ the part p with that group and input. Then
 Parts that vanish because the layer's input is non-negative (after a ReLU, from the graph) are dropped
 before the blocks are formed. Sample-free inputs (ones, the ZBox bounds) enter the forward pass through
 a batch-1 convolution broadcast over the batch.
+
+Grouped and depthwise convolutions (``groups`` = C > 1) keep their groups: a convolution group may only
+see its own input channels, so the block is formed per convolution group and the block convolution has
+the layer's ``groups``. Its input channels are then ordered (conv group, modifier, channel) and its
+output channels (conv group, rule group, channel); the kernels read the rule groups' z as strided views
+where that is one stride per channel (depthwise), and the few tensors whose order differs from what
+the next step needs (S with two rule groups, G with two modifiers) are permuted once (docs/native.md).
 """
 
 from __future__ import annotations
@@ -40,23 +47,24 @@ class BlockRule:
         self.masks = [_MASKS[g.mask] for g in form.groups]
         self.uses_mask = form.uses_mask
         self.modifiers = list(dict.fromkeys(p.input for p in form.parts))
+        self.conv_groups = op.groups if op.kind == "conv" else 1
         blocks = {(p.group, p.input): p for p in form.parts}
         if len(blocks) != len(form.parts):
             raise ValueError("a form has two parts for one (group, input); merge them (linear_form.merge_parts)")
         zero = torch.zeros_like(weight) if len(form.parts) < len(form.groups) * len(self.modifiers) else None
-        # Linear/conv weights are (out, in, ...): groups stack along dim 0, modifiers along dim 1.
-        rows = [_cat([blocks[(g, m)].weight.apply(weight) if (g, m) in blocks else zero
-                      for m in self.modifiers], dim=1) for g in range(len(form.groups))]
-        self.weight = _cat(rows, dim=0).contiguous()  # Epsilon: the layer's own weight, no copy
+        # Linear/conv weights are (out, in/groups, ...): rule groups stack along dim 0, modifiers along
+        # dim 1, inside each convolution group (_interleave is a plain stack for groups == 1).
+        parts = [[blocks[(g, m)].weight.apply(weight) if (g, m) in blocks else zero for m in self.modifiers]
+                 for g in range(len(form.groups))]
+        self.weight = _block_weight(parts, self.conv_groups)  # Epsilon: the layer's own weight, no copy
         self.sample_modifiers = [m for m in self.modifiers if m not in _SAMPLE_FREE]
         self.free_modifiers = [m for m in self.modifiers if m in _SAMPLE_FREE]
-        c_in = weight.shape[1]
-        self.weight_sample = self._columns(self.sample_modifiers, c_in)
-        self.weight_free = self._columns(self.free_modifiers, c_in)
+        self.weight_sample = self._columns(self.sample_modifiers, weight.shape[1])
+        self.weight_free = self._columns(self.free_modifiers, weight.shape[1])
         biases = [form.group_bias(g, bias) for g in range(len(form.groups))]
-        self.bias = None if all(b is None for b in biases) else torch.cat(
+        self.bias = None if all(b is None for b in biases) else _interleave(
             [torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device) if b is None else b
-             for b in biases])
+             for b in biases], self.conv_groups)
         self.z_is_output = form.z_is_output(bias)
         # The layer's output is always its own convolution f(x; W, b), never rebuilt from the z parts
         # where they add up to a multiple of it (AlphaBeta: 1, Gamma: 2 + gamma). The sum
@@ -66,25 +74,31 @@ class BlockRule:
         self._free_cache = {}
 
     def _columns(self, modifiers, c_in):
+        """The block's columns for these input modifiers (c_in: input channels per conv group)."""
         if not modifiers:
             return None
         if modifiers == self.modifiers:
             return self.weight  # every column: the block itself, not a copy
-        cols = [self.weight.narrow(1, self.modifiers.index(m) * c_in, c_in) for m in modifiers]
-        return torch.cat(cols, dim=1).contiguous()
+        w = self.weight.unflatten(1, (len(self.modifiers), c_in))
+        index = torch.tensor([self.modifiers.index(m) for m in modifiers], device=w.device)
+        return w.index_select(1, index).flatten(1, 2).contiguous()
 
     def _modified(self, name: str, x):
         # sample-free inputs (ones, bounds) are formed at batch size 1 and broadcast in z()
         return modified_input(name, x if name not in _SAMPLE_FREE else x[:1], self.form.bounds)
 
+    def _block_input(self, names, x):
+        """The modified inputs along channels, ordered (conv group, modifier, channel)."""
+        inputs = [self._modified(m, x) for m in names]
+        return inputs[0] if len(inputs) == 1 else _interleave(inputs, self.conv_groups, dim=1)
+
     def z(self, x, output):
-        """Every z_g, stacked along channels (N, G*C_out, ...)."""
+        """Every z_g, stacked along channels (N, G*C_out, ...), ordered (conv group, rule group, channel)."""
         if self.z_is_output:
             return output
         z = None
         if self.weight_sample is not None:
-            inputs = [self._modified(m, x) for m in self.sample_modifiers]
-            z = self.op(inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1), self.weight_sample, self.bias)
+            z = self.op(self._block_input(self.sample_modifiers, x), self.weight_sample, self.bias)
         if self.weight_free is not None:
             free = self._free_z(x)
             z = free.expand((x.shape[0],) + tuple(free.shape[1:])) if z is None else z + free
@@ -96,23 +110,55 @@ class BlockRule:
         key = (tuple(x.shape[1:]), x.dtype, x.device)
         free = self._free_cache.get(key)
         if free is None:
-            inputs = [self._modified(m, x) for m in self.free_modifiers]
             bias = self.bias if self.weight_sample is None else None
-            free = self._free_cache[key] = self.op(torch.cat(inputs, dim=1), self.weight_free, bias)
+            free = self._free_cache[key] = self.op(self._block_input(self.free_modifiers, x), self.weight_free, bias)
         return free
 
     def relevance(self, x, z, output, relevance):
-        c_out = relevance.shape[1]
-        zs = [z.narrow(1, g * c_out, c_out) for g in range(len(self.coefficients))]
+        groups, c_out, rule_groups = self.conv_groups, relevance.shape[1], len(self.coefficients)
+        # z_g: channel c of rule group g sits at (c // per_group, g, c % per_group); one stride per
+        # channel where per_group == 1 (depthwise) or there is one group of either kind
+        zs = [_deinterleaved(z, rule_groups, g, groups) for g in range(rule_groups)]
         s = ops.stabilize_divide(relevance, zs, self.coefficients, self.masks,
                                  y=output if self.uses_mask else None, epsilon=self.epsilon)
-        g = transposed(self.op, s, self.weight, (x.shape[0], x.shape[1] * len(self.modifiers)) + tuple(x.shape[2:]))
+        if groups > 1 and rule_groups > 1:  # (rule group, conv group, channel) -> (conv group, rule group, ...)
+            s = _interleave(list(s.chunk(rule_groups, dim=1)), groups, dim=1)
+        m = len(self.modifiers)
+        g = transposed(self.op, s, self.weight, (x.shape[0], x.shape[1] * m) + tuple(x.shape[2:]))
+        if groups > 1 and m > 1:  # (conv group, modifier, channel) -> (modifier, conv group, channel)
+            g = torch.cat([_deinterleaved(g, m, k, groups) for k in range(m)], dim=1)
         bounds = [broadcast_bound(self.form.bounds[m], x, m) for m in self.modifiers if m in ("low", "high")]
         return ops.combine(x, g, [_CODES[m] for m in self.modifiers], bounds)
 
 
 def _cat(tensors: list, dim: int) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
+
+
+def _interleave(tensors: list, groups: int, dim: int = 0) -> torch.Tensor:
+    """Concatenate tensors of equal shape along ``dim`` group by group: with ``groups`` chunks each,
+    the result is ordered (group, tensor, chunk element). A plain concatenation for groups == 1."""
+    if len(tensors) == 1 or groups == 1:
+        return _cat(tensors, dim)
+    split = [t.unflatten(dim, (groups, -1)) for t in tensors]
+    return torch.stack(split, dim=dim + 1).flatten(dim, dim + 2)
+
+
+def _deinterleaved(t: torch.Tensor, count: int, index: int, groups: int) -> torch.Tensor:
+    """Tensor ``index`` of ``count`` interleaved along channels by ``_interleave`` (a view where one
+    channel stride fits, else a copy)."""
+    if count == 1:
+        return t
+    if groups == 1:
+        return t.narrow(1, index * (t.shape[1] // count), t.shape[1] // count)
+    return t.unflatten(1, (groups, count, -1)).select(2, index).flatten(1, 2)
+
+
+def _block_weight(parts: list, groups: int) -> torch.Tensor:
+    """parts[g][m]: the weight (out, in/groups, ...) of rule group g and input m. Modifiers sit side by
+    side along dim 1 (a weight's dim 1 is already local to its conv group); rule groups stack along
+    dim 0, inside each conv group."""
+    return _interleave([_cat(row, dim=1) for row in parts], groups, dim=0).contiguous()
 
 
 class BlockFunction(torch.autograd.Function):
@@ -156,11 +202,11 @@ def transposed(op: AffineOp, s: torch.Tensor, weight: torch.Tensor, input_shape:
 
 
 def block_form_fits(op: AffineOp, x: torch.Tensor) -> bool:
-    """Whether a layer has the block form: Linear on (N, C), ConvNd without groups or string padding
-    (grouped and transposed convolutions run the reference rule)."""
+    """Whether a layer has the block form: Linear on (N, C), ConvNd (also grouped and depthwise)
+    without string padding (transposed convolutions run the reference rule)."""
     if op.kind == "linear":
         return x.ndim == 2
-    return op.kind == "conv" and op.groups == 1 and not isinstance(op.padding, str)
+    return op.kind == "conv" and not isinstance(op.padding, str)
 
 
 class NativeBackend(Backend):
