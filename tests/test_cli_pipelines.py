@@ -524,6 +524,28 @@ def test_volume_keeps_affine_and_header(tmp_path, capsys):
     with Image.open(tmp_path / "rel_slices.png") as im:
         assert im.format == "PNG" and im.size[0] > im.size[1] > 100
     assert "rel_slices.png" in printed
+    assert "predicted class " in printed and "explained class 1" in printed  # indices: a factory has no names
+
+
+def test_volume_slices_honour_voxel_spacing_and_carry_a_colour_bar():
+    from fastlrp import viz
+    from fastlrp.apps.pipelines.volume import slices_figure
+
+    rng = np.random.default_rng(0)
+    volume, relevance = rng.normal(size=(10, 12, 8)), rng.normal(size=(10, 12, 8))
+    figure, voxel = slices_figure(volume, relevance, spacing=(2.0, 1.5, 3.0), title="in.nii.gz: tumour p=80.0%",
+                                  target="tumour")
+    assert voxel == tuple(int(i) for i in np.unravel_index(np.abs(relevance).argmax(), relevance.shape))
+    panels = [ax for ax in figure.axes if ax.images]
+    # each panel: columns along the first remaining axis, rows along the second; a pixel is drawn
+    # spacing[second] / spacing[first] times as tall as wide
+    assert [ax.get_aspect() for ax in panels] == pytest.approx([3.0 / 1.5, 3.0 / 2.0, 1.5 / 2.0])
+    assert [ax.images[0].get_array().shape[:2] for ax in panels] == [(8, 12), (8, 10), (12, 10)]
+    (bar,) = [ax for ax in figure.axes if not ax.images]
+    assert bar.get_ylabel().startswith("red: evidence for tumour, blue: against")
+    assert "99.5th percentile" in bar.get_ylabel()
+    assert bar.get_ylim() == pytest.approx((-viz.relevance_scale(relevance), viz.relevance_scale(relevance)))
+    assert "in.nii.gz: tumour p=80.0%" in figure.get_suptitle() and "voxel size 2 x 1.5 x 3" in figure.get_suptitle()
 
 
 def test_volume_errors(tmp_path, capsys):

@@ -20,6 +20,7 @@ from ... import viz
 from ...extras import require
 from .common import (Preprocessing, atomic_output, check_cmap, check_input_file, check_method, make_explainer,
                      refuse_input_as_output)
+from .images import describe, scale_note
 
 INTENSITY = ("zscore", "minmax", "none")
 
@@ -58,9 +59,25 @@ def scale_intensity(data: np.ndarray, mode: str) -> np.ndarray:
 
 
 def slices_png(path: Path, volume: np.ndarray, relevance: np.ndarray, cmap: str = "bwr", alpha: float = 0.6,
-               percentile: float | None = None) -> tuple:
+               percentile: float | None = viz.DEFAULT_PERCENTILE, spacing: tuple = (1.0, 1.0, 1.0),
+               title: str | None = None, target: str | None = None) -> tuple:
+    """Write ``slices_figure`` to ``path`` (PNG); returns the voxel."""
+    figure, voxel = slices_figure(volume, relevance, cmap, alpha, percentile, spacing, title, target)
+    with atomic_output(path) as tmp:
+        figure.savefig(tmp, format="png")
+    return voxel
+
+
+def slices_figure(volume: np.ndarray, relevance: np.ndarray, cmap: str = "bwr", alpha: float = 0.6,
+                  percentile: float | None = viz.DEFAULT_PERCENTILE, spacing: tuple = (1.0, 1.0, 1.0),
+                  title: str | None = None, target: str | None = None) -> tuple:
     """Three orthogonal slices through the voxel of largest |relevance|, each the grey volume
-    under the relevance heatmap, side by side with titles. Returns the voxel."""
+    under the relevance heatmap, side by side with titles and one labelled colour bar (one scale
+    for the three panels, so they compare). ``spacing``: the voxel size along the three axes (the
+    NIfTI header's zooms), so that anisotropic voxels are drawn in their true proportions.
+    Returns (matplotlib Figure, the voxel)."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     magnitude = np.nan_to_num(np.abs(relevance), nan=0.0, posinf=0.0)  # NaN relevance of NaN input: not a peak
@@ -71,22 +88,29 @@ def slices_png(path: Path, volume: np.ndarray, relevance: np.ndarray, cmap: str 
         relevance = np.nan_to_num(relevance, nan=0.0, posinf=0.0, neginf=0.0)
     low, high = np.percentile(volume, (1, 99))
     grey = np.clip((volume - low) / (high - low if high > low else 1.0), 0, 1)
-    scale = float(np.percentile(np.abs(relevance), percentile) if percentile else np.abs(relevance).max())
-    figure = Figure(figsize=(9, 3.4), dpi=100)
-    for axis in range(3):
+    scale = viz.relevance_scale(relevance, percentile)
+    spacing = tuple(float(s) if s and np.isfinite(s) and s > 0 else 1.0 for s in spacing)
+    figure = Figure(figsize=(10, 3.9), dpi=100, layout="constrained")
+    panels = figure.subplots(1, 3)
+    for axis, panel in enumerate(panels):
         def plane(array):  # rotated so the slice's second axis runs up the picture
             return np.rot90(np.take(array, centre[axis], axis=axis))
 
-        heat = viz.heatmap(plane(relevance), cmap=cmap, scale=scale)  # one scale: panels compare
-        panel = figure.add_subplot(1, 3, axis + 1)
-        panel.imshow(viz.overlay(plane(grey), heat, alpha), interpolation="nearest")
+        first, second = [a for a in range(3) if a != axis]  # after rot90: columns run along first, rows along second
+        heat = viz.heatmap(plane(relevance), cmap=cmap, scale=scale)
+        panel.imshow(viz.overlay(plane(grey), heat, alpha), interpolation="nearest",
+                     aspect=spacing[second] / spacing[first])
         panel.set_title(f"axis {axis} = {centre[axis]}", fontsize=9)
         panel.axis("off")
-    figure.suptitle(f"relevance at voxel {tuple(int(c) for c in centre)}", fontsize=10)
-    figure.tight_layout()
-    with atomic_output(path) as tmp:
-        figure.savefig(tmp, format="png")
-    return tuple(int(c) for c in centre)
+    bar = figure.colorbar(ScalarMappable(norm=Normalize(-scale, scale), cmap=viz.colormap(cmap)), ax=list(panels),
+                          shrink=0.8)
+    bar.set_label(f"{viz.colour_meaning(cmap, target)}\n({scale_note(percentile)})", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+    voxel = tuple(int(c) for c in centre)
+    size = " x ".join(f"{s:g}" for s in spacing)
+    figure.suptitle(f"{title + chr(10) if title else ''}slices through the peak |relevance| at voxel {voxel}; "
+                    f"voxel size {size} (header units)", fontsize=10)
+    return figure, voxel
 
 
 def _same_output(a: Path, b: Path) -> bool:
@@ -96,11 +120,12 @@ def _same_output(a: Path, b: Path) -> bool:
 
 
 def explain_volume(in_path, out_path, model_spec: str, weights=None, num_classes=None, composite=None,
-                   target="pred", intensity="zscore", png=None, cmap="bwr", alpha=0.6, percentile=None,
-                   device="auto", method="lrp", layer=None, passthrough=(), method_options=None,
-                   nonfinite="warn") -> dict:
+                   target="pred", intensity="zscore", png=None, cmap="bwr", alpha=0.6,
+                   percentile=viz.DEFAULT_PERCENTILE, device="auto", method="lrp", layer=None, passthrough=(),
+                   method_options=None, nonfinite="warn", labels=None) -> dict:
     """Write the relevance of ``in_path`` as NIfTI to ``out_path`` and a slices PNG; return a summary.
-    ``method``, ``layer``, ``passthrough``, ``method_options``, ``nonfinite``: as ``explain_images``.
+    ``method``, ``layer``, ``passthrough``, ``method_options``, ``nonfinite``, ``percentile``, ``labels``:
+    as ``explain_images``.
     A volume holding NaN or Inf is named in a warning (its relevance is NaN) or, under
     ``nonfinite="raise"``, stops the run before anything is written."""
     nib = require("nibabel", "volume")
@@ -119,6 +144,7 @@ def explain_volume(in_path, out_path, model_spec: str, weights=None, num_classes
     refuse_input_as_output(png_path, [in_path], "--png")
     if _same_output(out_path, png_path):
         raise ValueError(f"--png {png_path} is the --out file; choose another --png")
+    class_names = models.class_names(model_spec, labels)
     image, data = read_volume(nib, in_path)
     model = models.load_model(model_spec, weights, num_classes)
     spec = models.input_spec(model)
@@ -151,10 +177,19 @@ def explain_volume(in_path, out_path, model_spec: str, weights=None, num_classes
     with atomic_output(out_path) as tmp:
         nib.save(out_image, str(tmp))
 
-    centre = slices_png(png_path, scaled[..., 0] if channels == 1 else scaled.mean(3), relevance, cmap, alpha,
-                        percentile)
     logits = result.output[0]
+    if logits.ndim != 1:
+        raise ValueError(f"model output has shape {tuple(result.output.shape)}; volume needs [1, classes] logits")
+    class_names = models.fit_class_names(class_names, logits.shape[0], explicit=labels is not None)
     explained = int(logits.argmax()) if target == "pred" else int(target)
+    probability = float(logits.float().softmax(0)[explained])
+    target_name = models.class_label(class_names, explained)
+    title = (f"{in_path.name}, {describe(method, composite)}: {target_name} p={probability:.1%}, "
+             f"logit {float(logits[explained]):.3g}")
+    centre = slices_png(png_path, scaled[..., 0] if channels == 1 else scaled.mean(3), relevance, cmap, alpha,
+                        percentile, tuple(image.header.get_zooms()[:3]), title, target_name)
     return {"out": str(out_path), "png": str(png_path), "shape": list(relevance.shape), "prediction":
-            int(logits.argmax()), "target": explained, "target_logit": float(logits[explained]),
-            "relevance_sum": float(relevance.sum()), "peak_voxel": list(centre)}
+            int(logits.argmax()), "prediction_name": models.class_label(class_names, int(logits.argmax())),
+            "target": explained, "target_name": target_name, "target_probability": probability,
+            "target_logit": float(logits[explained]), "relevance_sum": float(relevance.sum()),
+            "peak_voxel": list(centre)}
