@@ -7,6 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
+import fastlrp
+
 from fastlrp.apps.cli import main
 from fastlrp.apps.demo import data, run
 from fastlrp.apps.demo import report as demo_report
@@ -88,15 +90,63 @@ def demo(tmp_path_factory):
 def test_run_demo_writes_pngs(demo):
     paths = [r["png"] for r in demo["images"]] + [demo["grid_png"]]
     assert [Path(p).name for p in paths] == [f"image_0{i}.png" for i in range(4)] + ["grid.png"]
-    pair = (2 * 32 * run.SCALE + run.GAP, 32 * run.SCALE)
+    width = 2 * 32 * run.SCALE + run.GAP
+    tiles = []
     for path in paths:
         with Image.open(path) as im:
             assert im.format == "PNG" and im.mode == "RGB"
-            if path != demo["grid_png"]:
-                assert im.size == pair
             pixels = np.asarray(im)
+        if path != demo["grid_png"]:
+            assert pixels.shape[1] == width and pixels.shape[0] > 32 * run.SCALE + 40  # title and colour bar
+            tiles.append(pixels)
         assert pixels.std() > 1  # not a blank picture
         assert (pixels == 255).all(-1).any()  # the heatmap's white (near-zero relevance)
+    with Image.open(demo["grid_png"]) as im:  # the grid is the labelled tiles, side by side
+        grid = np.asarray(im)
+    assert (grid[:tiles[0].shape[0], :width] == tiles[0]).all()
+    assert (grid[:tiles[1].shape[0], width + run.GRID_GAP:2 * width + run.GRID_GAP] == tiles[1]).all()
+
+
+def test_run_demo_pictures_show_the_pair_under_a_title_above_a_colour_bar(demo):
+    images, labels, _ = data.make_dataset(4, seed=0)
+    relevance = fastlrp.LRP(load_demo_model(), composite="epsilon_plus")(images, labels)
+    for record in demo["images"]:
+        i = record["index"]
+        pair, scale = run._pair(images[i], relevance[i])
+        assert scale == pytest.approx(np.percentile(relevance[i].sum(0).abs().numpy(), 99.5), rel=1e-5)
+        with Image.open(record["png"]) as im:
+            tile = np.asarray(im)
+        rows = [y for y in range(tile.shape[0] - pair.shape[0]) if (tile[y:y + pair.shape[0]] == pair).all()]
+        assert len(rows) == 1 and (tile[:rows[0]] < 100).any()  # the pair, below dark title text
+        below = tile[rows[0] + pair.shape[0]:]
+        assert ((below[..., 2] > 200) & (below[..., 0] < 60)).any() and ((below[..., 0] > 200) & (below[..., 2] < 60)).any()
+        assert 0 < record["probability"] <= 1
+
+
+def test_summary_explains_the_conservation_figure(demo):
+    # The bias-free figure comes with every run: the same rules without biases conserve the logit.
+    assert demo["bias_free_max_conservation_error"] < 1e-4
+    text = run.format_summary(demo)
+    worst = max(demo["images"], key=lambda r: r["conservation_error"])
+    assert f"max conservation error: {demo['max_conservation_error']:.2e} on image #{worst['index']}" in text
+    assert "biases" in text and 'zero_params="bias"' in text
+    assert f"max error {demo['bias_free_max_conservation_error']:.2e}" in text
+
+
+def test_report_comments_on_heatmaps_that_contradict_the_summary():
+    records = [{"index": k, "true": "disk", "pred": "disk", "target_logit": logit, "relevance_sum": 0.5,
+                "probability": 0.9} for k, logit in enumerate((3.0, 0.4, 2.0))]
+    relevance = torch.zeros(3, 3, 8, 8)
+    relevance[:, 0, 2:4, 2:4] = 1.0  # positive evidence on an "object"
+    relevance[1, 0, 2:4, 2:4] = -1.0  # image 1: its strongest pixels are negative...
+    relevance[1, 0, 6:, :] = 0.01  # ...and its positive relevance is weak and scattered
+    negative, outside = demo_report.strongest_evidence(relevance, k=4)
+    assert negative == pytest.approx([0.0, 1.0, 0.0]) and outside[1] == pytest.approx(1.0)
+    text = demo_report.exceptions_html(records, relevance, "LRP epsilon_plus", k=4)
+    assert "Not every image fits" in text and "<b>#1</b>" in text and "<b>#0</b>" not in text
+    assert "against</em> disk" in text and "the lowest of the batch" in text and "weak and scattered" in text
+    relevance[1] = relevance[0]
+    assert demo_report.exceptions_html(records, relevance, "LRP epsilon_plus", k=4) == ""
 
 
 def test_run_demo_summary_is_consistent(demo):

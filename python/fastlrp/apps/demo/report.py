@@ -67,10 +67,67 @@ def _heatmap_grid(images, maps: dict, records: list) -> np.ndarray:
     return viz.grid(tiles, labels, columns=1 + len(maps), gap=6)
 
 
+STRONGEST = 20  # pixels (2% of a 32x32 image) whose relevance is "the strongest evidence" of a heatmap
+
+
+def strongest_evidence(relevance: torch.Tensor, k: int = STRONGEST) -> tuple[list, list]:
+    """Per image (channels summed): the share of negative relevance among its ``k`` pixels of
+    largest |R| (above one half, the heatmap's strongest evidence speaks against the explained
+    class), and the share of its positive relevance that lies outside those pixels."""
+    flat = relevance.sum(1).flatten(1)
+    top = flat.abs().topk(min(k, flat.shape[1]), dim=1).indices
+    strongest = flat.gather(1, top)
+    negative = strongest.clamp(max=0).abs().sum(1) / strongest.abs().sum(1).clamp(min=1e-30)
+    positive = flat.clamp(min=0)
+    outside = 1 - positive.gather(1, top).sum(1) / positive.sum(1).clamp(min=1e-30)
+    return negative.tolist(), outside.tolist()
+
+
+def exceptions_html(records: list, relevance: torch.Tensor, method: str, k: int = STRONGEST) -> str:
+    """A paragraph on the images whose heatmap contradicts the summary ("mostly positive evidence
+    on the object"), with the numbers that say why; empty when none does."""
+    negative, outside = strongest_evidence(relevance, k)
+    logits = sorted(r["target_logit"] for r in records)
+    lowest, median = logits[0], logits[len(logits) // 2]
+    notes = []
+    for record, against, spread in zip(records, negative, outside):
+        if against <= 0.5:
+            continue
+        rank = ", the lowest of the batch" if record["target_logit"] == lowest else ""
+        sure = f", p={record['probability']:.0%}" if "probability" in record else ""
+        weak = " is weak and scattered" if record["target_logit"] < median and spread > 0.5 else ""
+        notes.append(
+            f"<li><b>#{record['index']}</b> ({html.escape(record['true'])}, predicted {html.escape(record['pred'])}"
+            f"{sure}): {against:.0%} of the relevance on its {k} strongest pixels is negative: the evidence "
+            f"the heatmap shows most clearly speaks <em>against</em> {html.escape(record['true'])}. What speaks for "
+            f"it{weak}: logit {record['target_logit']:.2f}{rank}, sum of relevance "
+            f"{record['relevance_sum']:.2f}, and {spread:.0%} of the positive relevance lies outside those "
+            "pixels.</li>")
+    if not notes:
+        return ""
+    return (f"<p><b>Not every image fits that summary.</b> With {html.escape(method)}, these heatmaps contradict it. "
+            "They are not a fault of LRP: a heatmap shows the network's decision as it is, and here the network "
+            "decides on thin evidence while the most salient pixels argue the other way:</p><ul>"
+            + "".join(notes) + "</ul>")
+
+
+def conservation_html(records: list, bias_free_error: float | None) -> str:
+    """Why sum R is smaller than the logit in the predictions table."""
+    errors = [r["conservation_error"] for r in records]
+    text = (f"<p class='note'>The sum of relevance is the part of the logit that reaches the pixels. The network's "
+            f"biases (batch norm folded into its convolutions brings them) absorb the rest: here sum R falls short "
+            f"of the logit by {min(errors):.0%} to {max(errors):.0%} (|sum R - logit| / |logit|).")
+    if bias_free_error is not None:
+        text += (" With the biases left out of the rules, <code>fastlrp.LRP(..., zero_params=\"bias\")</code>, "
+                 f"the same images conserve the logit (largest error {bias_free_error:.1e}).")
+    return text + "</p>"
+
+
 def demo_sections(model, images: torch.Tensor, labels: torch.Tensor, marked: torch.Tensor,
-                  records: list, maps: dict | None = None) -> list[Section]:
+                  records: list, maps: dict | None = None, bias_free_error: float | None = None) -> list[Section]:
     """The report's sections for the demo batch (``records`` as in run_demo's summary;
-    ``maps`` as from ``explain_all``, computed here when not given)."""
+    ``maps`` as from ``explain_all``, computed here when not given; ``bias_free_error``: the
+    largest conservation error of the bias-free rules, quoted next to the table)."""
     maps = explain_all(model, images, labels) if maps is None else maps
     side = images.shape[-1]
     area = WATERMARK_SIZE**2 / side**2
@@ -88,15 +145,19 @@ def demo_sections(model, images: torch.Tensor, labels: torch.Tensor, marked: tor
              r["relevance_sum"]] for r in records]
     predictions = intro + table_html(["#", "true", "predicted", "watermark", "target logit", "sum of LRP relevance"],
                                      rows)
+    if records and "conservation_error" in records[0]:
+        predictions += conservation_html(records, bias_free_error)
 
     heatmaps = (_heatmap_grid(images, maps, records) if len(images) else None)
     heatmap_html = (
         "<p>Each row: the input, then one heatmap per method (colour scaled per map to its 99.5th percentile "
-        "of |R|). LRP's composites give crisp, mostly positive evidence on the object and, on watermarked "
-        "crosses, a hot spot in the bottom-right corner; the gradient baselines are noisier and signed at "
-        "random (the gradient says how the output would change, not what contributed).</p>"
-        + image_html(heatmaps, "heatmaps of every method") + "<p class='note'>colour map bwr: "
-        + image_html(viz.colorbar("bwr", 200, 10), "colour bar") + " negative - 0 - positive</p>")
+        "of |R|). On most images LRP's composites give crisp, mostly positive evidence on the object and, on "
+        "watermarked crosses, a hot spot in the bottom-right corner; the gradient baselines are noisier and "
+        "signed at random (the gradient says how the output would change, not what contributed).</p>"
+        + image_html(heatmaps, "heatmaps of every method")
+        + image_html(viz.legend(1.0, "bwr", 320, "the true class", "each map scaled to its own 99.5th pct of |R| = 1"),
+                     "colour bar")
+        + exceptions_html(records, next(iter(maps.values())), next(iter(maps))))
 
     def mean(values, where):
         return float(values[where].mean()) if where.any() else float("nan")
