@@ -216,8 +216,8 @@ PYBIND11_MODULE(_C, m) {
 #ifdef FASTLRP_WITH_CUDA
   m.def("cuda_device_count", &fastlrp::cuda::device_count,
         "CUDA devices the runtime sees (0 without a driver)");
-  m.def("cuda_probe_kernel", &fastlrp::cuda::probe_kernel,
-        "Launch a one-thread kernel on device 0; True if it ran");
+  m.def("cuda_probe_kernel", &fastlrp::cuda::probe_kernel, py::arg("device") = 0,
+        "Launch a one-thread kernel on the device; True if it ran");
 #endif
   py::register_exception<fl::TypeErrorException>(m, "KernelTypeError", PyExc_TypeError);
   m.def("stabilize_divide", &stabilize_divide, "s_g = c_g * mask_g * R / stab(z_g) for every group, one pass");

@@ -33,16 +33,72 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# The tile shapes the autotuner may try, largest first (BM, BN, BK, warps, stages).
+CONFIG_SHAPES = ((128, 64, 32, 4, 3), (64, 64, 32, 4, 4), (128, 128, 32, 8, 3), (64, 128, 32, 4, 3),
+                 (64, 32, 32, 4, 4), (32, 32, 32, 2, 4), (32, 32, 16, 2, 2))
+# The tile that compiles without spills for every rule, dtype and target the static checks cover
+# (bench/gpu_static; 32x32x32 still spilled for Gamma in float32 on sm_80): the autotuner always has it,
+# and it runs untuned where nothing may be tuned (inside a CUDA-graph capture).
+SAFE_CONFIG = len(CONFIG_SHAPES) - 1
+
+
 def _configs():
     # The interpreter runs every program in Python: one small tile, no tuning.
     if interpreting():
         return [triton.Config({"BM": 16, "BN": 16, "BK": 16}, num_warps=1)]
     return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in ((128, 64, 32, 4, 3), (64, 64, 32, 4, 4), (128, 128, 32, 8, 3),
-                                     (64, 128, 32, 4, 3), (64, 32, 32, 4, 4), (32, 32, 32, 2, 4))]
+            for bm, bn, bk, w, s in CONFIG_SHAPES]
 
 
-_AUTOTUNE_KEY = ["N", "C", "D", "H", "W", "O", "OD", "OH", "OW", "KD", "KH", "KW"]
+# The tuning key: sizes, the rule's compile-time switches (a 1-product ZPlus tile is not the best
+# 4-product Gamma tile), conv groups (CG, OG) and the layout (channel and innermost strides of x).
+# Tensor dtypes are added by Triton itself. Names a kernel lacks are skipped.
+_AUTOTUNE_KEY = ["N", "C", "D", "H", "W", "O", "OD", "OH", "OW", "KD", "KH", "KW", "CG", "OG", "sxc", "sxw",
+                 "NEED_Y", "NEED_PP", "NEED_PN", "NEED_NP", "NEED_NN", "Y_FROM_PARTS", "HAS_B0", "HAS_B1",
+                 "GROUPS_Z", "MASK0", "MASK1", "WRITE_Z", "PREC"]
+
+# A config that spills registers to local memory (more than this many bytes per thread) is never chosen:
+# every spilled value in the K loop is an extra local load/store per step. Zero: the safe tile shows
+# that every kernel variant has a spill-free config (bench/gpu_static checks it per target).
+MAX_SPILL_BYTES = 0
+
+
+def choosable(configs, resources, shared_limit: int):
+    """The configs the autotuner may pick: no spills, shared memory within ``shared_limit``.
+
+    ``resources(config)`` -> (spill bytes, shared bytes) of that config's compiled kernel, or None
+    where it does not compile. Used at run time (the device's compile) and by the static checks
+    (ahead-of-time compiles for sm_80/sm_90), so both apply one rule. Where no config qualifies, the
+    one with the fewest spills among those that fit is kept (the static checks fail on that case)."""
+    stats = [(c, resources(c)) for c in configs]
+    fits = [(c, r) for c, r in stats if r is not None and r[1] <= shared_limit]
+    clean = [c for c, r in fits if r[0] <= MAX_SPILL_BYTES]
+    if clean:
+        return clean
+    return [min(fits, key=lambda cr: cr[1][0])[0]] if fits else list(configs)
+
+
+def _device_resources(jit, named_args, kwargs, config):
+    """(spill bytes, shared bytes) of ``config`` compiled for the current device, None if it fails."""
+    try:
+        compiled = jit.warmup(*named_args.values(), grid=(1,), **kwargs, **config.all_kwargs())
+        compiled._init_handles()  # loads the binary: the driver reports local (spill) bytes / 4
+    except Exception:  # noqa: BLE001  (out of resources, a compile error: not a candidate)
+        return None
+    return 4 * int(compiled.n_spills), int(compiled.metadata.shared)
+
+
+def _resource_pruner(kernel_name: str):
+    """early_config_prune of one autotuned kernel (looked up by name: it is defined below)."""
+    def prune(configs, named_args, **kwargs):
+        if interpreting() or len(configs) <= 1:
+            return configs
+        from triton.runtime import driver
+        device = driver.active.get_current_device()
+        limit = driver.active.utils.get_device_properties(device)["max_shared_mem"]
+        jit = globals()[kernel_name].fn
+        return choosable(configs, lambda c: _device_resources(jit, named_args, kwargs, c), limit)
+    return prune
 
 
 @triton.jit
@@ -59,7 +115,8 @@ def _bound_weight(w, valid, a, b, c, d):
     return m.to(w.dtype)
 
 
-@triton.autotune(configs=_configs(), key=_AUTOTUNE_KEY)
+@triton.autotune(configs=_configs(), key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": _resource_pruner("_lrp_forward_kernel")})
 @triton.jit
 def _lrp_forward_kernel(
         x_ptr, w_ptr, bias_ptr, zbias_ptr, b0_ptr, b1_ptr, y_ptr, z_ptr,
@@ -177,7 +234,8 @@ def _stabilized_share(r, z, y, coefficient, epsilon, MASK: tl.constexpr):
     return s
 
 
-@triton.autotune(configs=_configs(), key=_AUTOTUNE_KEY)
+@triton.autotune(configs=_configs(), key=_AUTOTUNE_KEY,
+                 prune_configs_by={"early_config_prune": _resource_pruner("_lrp_relevance_kernel")})
 @triton.jit
 def _lrp_relevance_kernel(
         x_ptr, w_ptr, r_ptr, z_ptr, y_ptr, b0_ptr, b1_ptr, out_ptr,
@@ -299,6 +357,30 @@ def _strides(t):
     return tuple(t.stride())
 
 
+def _capturing() -> bool:
+    import torch
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _tuned(autotuned, args, kwargs) -> bool:
+    """Whether the autotuner already holds a config for these arguments (its own key: the key names'
+    values, then the dtypes of the tensor arguments)."""
+    named = {**dict(zip(autotuned.arg_names, args)), **kwargs}
+    key = [named[k] for k in autotuned.keys if k in named]
+    key += [str(v.dtype) for k, v in named.items() if k in autotuned.arg_names and hasattr(v, "dtype")]
+    return tuple(key) in autotuned.cache
+
+
+def _launch(autotuned, grid, args, kwargs, wrap):
+    """Launch through the autotuner, except inside a CUDA-graph capture for a key it has not tuned:
+    benchmarking there would record the trial launches into the graph (or fail), so the safe config
+    runs untuned."""
+    kernel = autotuned
+    if len(autotuned.configs) > 1 and _capturing() and not _tuned(autotuned, args, kwargs):
+        kernel, kwargs = autotuned.fn, {**kwargs, **autotuned.configs[SAFE_CONFIG].all_kwargs()}
+    (kernel if wrap is None else wrap(kernel))[grid](*args, **kwargs)
+
+
 def _needs(coefficients):
     """Which products some group uses (a zero column is never computed)."""
     return [any(coefficients[g * 5 + p] != 0.0 for g in range(2)) for p in range(5)]
@@ -331,16 +413,17 @@ def launch_forward(x, weight, bias, z_bias, bound0, bound1, y, z, coefficients, 
     m_rows, og = x.shape[0] * y.shape[2] * y.shape[3] * y.shape[4], geometry[10]
     b0, b1 = (bound0 if bound0 is not None else x), (bound1 if bound1 is not None else x)
     z_view = z if z is not None else y
-    kernel = _lrp_forward_kernel if wrap is None else wrap(_lrp_forward_kernel)
     grid = lambda meta: (triton.cdiv(m_rows, meta["BM"]), triton.cdiv(og, meta["BN"]), groups)  # noqa: E731
-    kernel[grid](
+    args = (
         x, weight, bias if bias is not None else y, z_bias if z_bias is not None else y, b0, b1, y, z_view,
         *geometry, *_strides(x), *_strides(b0), *_strides(b1), *_strides(y), *_strides(z_view),
-        *[float(v) for v in coefficients], *[float(v) for v in bound_modifiers],
+        *[float(v) for v in coefficients], *[float(v) for v in bound_modifiers])
+    flags = dict(
         NEED_Y=not parts_hold_y, NEED_PP=need_pp, NEED_PN=need_pn, NEED_NP=need_np, NEED_NN=need_nn,
         Y_FROM_PARTS=parts_hold_y, HAS_B0=bound0 is not None, HAS_B1=bound1 is not None,
         HAS_BIAS=bias is not None, HAS_ZBIAS=z_bias is not None, WRITE_Z=z is not None, GROUPS_Z=groups_z,
         PREC=_precision(x.dtype, allow_tf32))
+    _launch(_lrp_forward_kernel, grid, args, flags, wrap)
 
 
 def launch_relevance(x, weight, relevance, z, y, bound0, bound1, out, coefficients, bound_modifiers,
@@ -354,13 +437,14 @@ def launch_relevance(x, weight, relevance, z, y, bound0, bound1, out, coefficien
     b0, b1 = (bound0 if bound0 is not None else x), (bound1 if bound1 is not None else x)
     c = list(group_coefficients) + [0.0] * (2 - groups_z)
     masks = list(group_masks) + [MASK_NONE] * (2 - groups_z)
-    kernel = _lrp_relevance_kernel if wrap is None else wrap(_lrp_relevance_kernel)
     grid = lambda meta: (triton.cdiv(m_rows, meta["BM"]), triton.cdiv(cg, meta["BN"]), groups)  # noqa: E731
-    kernel[grid](
+    args = (
         x, weight, relevance, z, y, b0, b1, out,
         *geometry, *_strides(x), *_strides(b0), *_strides(b1), *_strides(relevance), *_strides(z), *_strides(y),
         *_strides(out), *[float(v) for v in coefficients], *[float(v) for v in bound_modifiers],
-        float(c[0]), float(c[1]), float(epsilon),
+        float(c[0]), float(c[1]), float(epsilon))
+    flags = dict(
         NEED_Y=need_y, NEED_PP=need_pp, NEED_PN=need_pn, NEED_NP=need_np, NEED_NN=need_nn,
         HAS_B0=bound0 is not None, HAS_B1=bound1 is not None, GROUPS_Z=groups_z, MASK0=int(masks[0]),
         MASK1=int(masks[1]), PREC=_precision(x.dtype, allow_tf32))
+    _launch(_lrp_relevance_kernel, grid, args, flags, wrap)

@@ -17,15 +17,26 @@ int device_count() {
   return count;
 }
 
-bool probe_kernel() {
-  if (device_count() == 0) return false;
+bool probe_kernel(int device) {
+  if (device < 0 || device >= device_count()) return false;
+  int previous = 0;
+  if (cudaGetDevice(&previous) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  // The marker kernel is compiled into the same fatbinary as the LRP kernels: it fails to launch
+  // ("no kernel image") exactly where they would.
   int* marker = nullptr;
-  if (cudaMalloc(&marker, sizeof(int)) != cudaSuccess) return false;
-  write_marker_kernel<<<1, 1>>>(marker);
+  bool ok = cudaMalloc(&marker, sizeof(int)) == cudaSuccess;
   int host = 0;
-  bool ok = cudaGetLastError() == cudaSuccess &&
-            cudaMemcpy(&host, marker, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess;
-  cudaFree(marker);
+  if (ok) {
+    write_marker_kernel<<<1, 1>>>(marker);
+    ok = cudaGetLastError() == cudaSuccess &&
+         cudaMemcpy(&host, marker, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess;
+    cudaFree(marker);
+  }
+  cudaGetLastError();  // leave no error behind for the caller's next CUDA call
+  cudaSetDevice(previous);
   return ok && host == 0x1f2e;
 }
 

@@ -50,14 +50,24 @@ void check_launch(const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": CUDA launch failed: " + cudaGetErrorString(err));
 }
 
-// Runs on the view's device and restores the caller's current device afterwards.
+// Runs on the view's device and restores the caller's current device afterwards; a device that
+// cannot be selected is an error naming it, not a launch on the wrong device.
 struct DeviceGuard {
-  int previous = 0;
+  int previous = -1;
   explicit DeviceGuard(int index) {
-    cudaGetDevice(&previous);
-    if (index >= 0 && index != previous) cudaSetDevice(index);
+    cudaError_t err = cudaGetDevice(&previous);
+    if (err == cudaSuccess && index >= 0 && index != previous) err = cudaSetDevice(index);
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      throw std::runtime_error("fastlrp: cannot select CUDA device " + std::to_string(index) + ": " +
+                               cudaGetErrorString(err));
+    }
   }
-  ~DeviceGuard() { cudaSetDevice(previous); }
+  ~DeviceGuard() {
+    if (previous >= 0) cudaSetDevice(previous);  // a destructor cannot throw; the next call reports errors
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
 };
 
 int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 32)); }

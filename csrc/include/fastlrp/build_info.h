@@ -16,9 +16,9 @@ OpenMPInfo openmp_info();
 namespace cuda {
 // Number of CUDA devices the runtime sees; 0 where there is no driver or device.
 int device_count();
-// Runs a one-thread kernel on device 0 and returns true if it wrote its marker.
-// Meant for tests on GPU machines: proves the compiled architectures load there.
-bool probe_kernel();
+// Runs a one-thread kernel on ``device`` and returns true if it wrote its marker: proves the
+// compiled architectures load there (fastlrp._native probes each device once before using it).
+bool probe_kernel(int device);
 }  // namespace cuda
 #endif
 

@@ -24,6 +24,10 @@ from .native import BlockFunction, block_form_fits
 _PRODUCT = {"y": 0, "pp": 1, "pn": 2, "np": 3, "nn": 4}
 _MASKS = {"none": ops.MASK_NONE, "positive": ops.MASK_POSITIVE, "negative": ops.MASK_NEGATIVE}
 _MAX_GROUPS, _MAX_BOUNDS = 2, 2
+# Layers with fewer input channels per group than this run natively on CUDA: the implicit GEMM's
+# reduction is C_in x taps, and with 3 channels (an RGB stem) most of each K step is the index and
+# mask arithmetic of the gather, not tensor-core work (docs/gpu.md, "Static performance model").
+MIN_INPUT_CHANNELS = 16
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,8 @@ class TritonBackend(Backend):
             return False
         if x.device.type != "cuda" or not self.fallback.supports(layer, inputs):
             return True
+        if not cuda_worthwhile(op, x, kernel_rule.weight):
+            return False
         key = shape_key(layer, x, kernel_rule.weight)
         return timing.prefers_first(key, x.device, lambda: _time_pass(self.forward_affine, layer, x),
                                     lambda: _time_pass(self.fallback.forward, layer, x))
@@ -176,6 +182,8 @@ class TritonBackend(Backend):
     # ---- sums and average pooling
     def supports_norm(self, layer, inputs) -> bool:
         if layer.pooling is None or not triton_ops.triton_supports(inputs[0].device, inputs[0].dtype):
+            return False
+        if not triton_ops.int32_addressable(*inputs):  # native indexes with 64 bits
             return False
         kind, spec = layer.pooling
         if kind == "sum":
@@ -197,12 +205,24 @@ class TritonBackend(Backend):
 
     # ---- max pooling, Proportional rule
     def supports_maxpool(self, layer, inputs) -> bool:
-        return triton_ops.triton_supports(inputs[0].device, inputs[0].dtype) and inputs[0].ndim in (3, 4, 5)
+        return (triton_ops.triton_supports(inputs[0].device, inputs[0].dtype) and inputs[0].ndim in (3, 4, 5)
+                and triton_ops.int32_addressable(inputs[0]))
 
     def relevance_maxpool(self, layer, saved, shapes, relevance):
         p = layer.pool
         return (triton_ops.pool_relevance(saved[0], relevance, "max_proportional", p.kernel_size, p.stride,
                                           p.padding, epsilon=layer.rule.stabilizer),)
+
+
+def cuda_worthwhile(op, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Where the native path is known to be the better one on CUDA, without timing: few input channels
+    per group; float32 without TF32 (Triton's IEEE float32 dot runs on the FMA units and spills, cuDNN's
+    does not); tensors too large for the kernels' 32-bit indices (the native kernels index with 64 bits)."""
+    if weight.shape[1] < MIN_INPUT_CHANNELS:
+        return False
+    if x.dtype == torch.float32 and not triton_ops.allow_tf32(x.device, op.kind):
+        return False
+    return triton_ops.int32_addressable(x)
 
 
 def _time_pass(forward, layer, x):

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .._native import _C
+from .._native import _C, cuda_kernels_usable
 from ..reference.stabilize import stabilize
 from ._views import collapse_spatial, readable, stream_of, view
 
@@ -37,7 +37,7 @@ def native_supports(device: torch.device, dtype: torch.dtype) -> bool:
     if device.type == "cpu":
         return dtype in _CPU_DTYPES
     if device.type == "cuda":
-        return bool(getattr(_C, "has_cuda_kernels", False)) and dtype in _CUDA_DTYPES
+        return dtype in _CUDA_DTYPES and cuda_kernels_usable(device)
     return False
 
 

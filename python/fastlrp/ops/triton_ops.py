@@ -69,9 +69,30 @@ def triton_supports(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and interpreting() and dtype != torch.bfloat16
 
 
-def _allow_tf32() -> bool:
-    # float32 products use TF32 only where the user allowed it for matmuls (documented in docs/triton.md)
-    return bool(torch.backends.cuda.matmul.allow_tf32)
+# The kernels index with 32-bit integers (Triton's default for int arguments below 2^31): every offset
+# they form must stay below this. Larger tensors (long video batches) take the torch formulas instead.
+INDEX_LIMIT = 2 ** 31 - 1
+
+
+def int32_addressable(*tensors) -> bool:
+    """Whether every element count and every element offset of these tensors (None skipped) fits a
+    signed 32-bit index."""
+    for t in tensors:
+        if t is None or t.numel() == 0:
+            continue
+        last = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+        if t.numel() > INDEX_LIMIT or last > INDEX_LIMIT:
+            return False
+    return True
+
+
+def allow_tf32(device: torch.device, kind: str) -> bool:
+    """Whether float32 tile products may use TF32: on CUDA, as torch does for the same layer (cuDNN's
+    flag for convolutions, cuBLAS's for Linear), so Triton and native round alike; never elsewhere."""
+    if device.type != "cuda":
+        return False
+    flag = torch.backends.cudnn.allow_tf32 if kind == "conv" else torch.backends.cuda.matmul.allow_tf32
+    return bool(flag)
 
 
 def _like_layout(shape, like: Tensor) -> Tensor:
@@ -120,7 +141,7 @@ def _affine_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], z_bias: O
                     bound_modifiers: list[float], groups_z: int, write_z: bool, nonnegative_input: bool,
                     stride: list[int], padding: list[int], dilation: list[int], groups: int) -> tuple[Tensor, Tensor]:
     y, z = _forward_outputs(x, weight, groups_z, write_z, stride, padding, dilation)
-    if not triton_supports(x.device, x.dtype):
+    if not triton_supports(x.device, x.dtype) or not int32_addressable(x, weight, y, z, bound0, bound1):
         y_ref, z_ref = forward_torch(x, weight, bias, z_bias, bound0, bound1, coefficients, bound_modifiers,
                                       groups_z, stride, padding, dilation, groups)
         y.copy_(y_ref)
@@ -131,7 +152,7 @@ def _affine_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], z_bias: O
         _as_5d(x), _as_5d(weight), bias, z_bias, None if bound0 is None else _as_5d(bound0),
         None if bound1 is None else _as_5d(bound1), _as_5d(y), _as_5d(z) if write_z else None, coefficients,
         bound_modifiers, groups_z, nonnegative_input, _pad3(stride, 1), _pad3(padding, 0), _pad3(dilation, 1),
-        groups, allow_tf32=_allow_tf32(), wrap=wrap_triton)
+        groups, allow_tf32=allow_tf32(x.device, "conv" if x.ndim > 2 else "linear"), wrap=wrap_triton)
     return y, z
 
 
@@ -141,7 +162,8 @@ def _affine_relevance(x: Tensor, weight: Tensor, relevance: Tensor, z: Tensor, y
                       group_coefficients: list[float], group_masks: list[int], epsilon: float, stride: list[int],
                       padding: list[int], dilation: list[int], groups: int) -> Tensor:
     out = _like_layout(x.shape, x)
-    if not triton_supports(x.device, x.dtype):
+    if not triton_supports(x.device, x.dtype) or not int32_addressable(x, weight, relevance, z, y, bound0, bound1,
+                                                                       out):
         out.copy_(relevance_torch(x, weight, relevance, z, y, bound0, bound1, coefficients, bound_modifiers,
                                    group_coefficients, group_masks, epsilon, stride, padding, dilation, groups))
         return out
@@ -149,7 +171,8 @@ def _affine_relevance(x: Tensor, weight: Tensor, relevance: Tensor, z: Tensor, y
         _as_5d(x), _as_5d(weight), _as_5d(relevance), _as_5d(z), _as_5d(y),
         None if bound0 is None else _as_5d(bound0), None if bound1 is None else _as_5d(bound1), _as_5d(out),
         coefficients, bound_modifiers, group_coefficients, group_masks, epsilon, _pad3(stride, 1),
-        _pad3(padding, 0), _pad3(dilation, 1), groups, allow_tf32=_allow_tf32(), wrap=wrap_triton)
+        _pad3(padding, 0), _pad3(dilation, 1), groups,
+        allow_tf32=allow_tf32(x.device, "conv" if x.ndim > 2 else "linear"), wrap=wrap_triton)
     return out
 
 
@@ -274,7 +297,7 @@ def _pool_relevance(x: Tensor, relevance: Tensor, y: Optional[Tensor], mode: int
                     stride: list[int], padding: list[int], adaptive: bool, count_include_pad: bool,
                     divisor_override: int, epsilon: float) -> Tensor:
     out = _like_layout(x.shape, x)
-    if not triton_supports(x.device, x.dtype):
+    if not triton_supports(x.device, x.dtype) or not int32_addressable(x, relevance, y, out):
         out.copy_(pool_torch(x, relevance, y, mode, kernel, stride, padding, adaptive, count_include_pad,
                               divisor_override, epsilon))
         return out
@@ -339,7 +362,7 @@ def _dense_same_layout(tensors) -> bool:
 def _sum_relevance(inputs: list[Tensor], alpha: list[float], y: Tensor, relevance: Tensor,
                    epsilon: float) -> list[Tensor]:
     outs = [_like_layout(relevance.shape, relevance) for _ in inputs]
-    if not triton_supports(relevance.device, relevance.dtype):
+    if not triton_supports(relevance.device, relevance.dtype) or not int32_addressable(*inputs, y, relevance):
         for out, value in zip(outs, sum_torch(inputs, alpha, y, relevance, epsilon)):
             out.copy_(value)
         return outs
