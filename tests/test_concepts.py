@@ -259,3 +259,31 @@ def test_atlas_plots(demo, tmp_path):
     figure = plot_concept_atlas(atlas, class_names=["disk", "cross"])
     figure.savefig(tmp_path / "atlas.png")
     assert (tmp_path / "atlas.png").stat().st_size > 0
+
+
+def test_cli_concepts_on_a_folder_and_an_image(tmp_path, capsys):
+    pytest.importorskip("h5py")
+    pytest.importorskip("matplotlib")
+    import json
+
+    from fastlrp.apps.cli import main
+    from fastlrp.apps.demo.data import make_dataset
+    from fastlrp import viz
+
+    images, _, _ = make_dataset(6, seed=5)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for k, image in enumerate(images):
+        viz.save_png(folder / f"{k}.png", viz.image_to_uint8(image))
+    model = ["--model", "fastlrp.apps.demo.model:load_demo_model", "--layer", "relu4", "--device", "cpu"]
+    assert main(["concepts", str(folder), *model, "--out", str(tmp_path / "out"), "--top", "2", "--refs", "2",
+                 "--atlases", "1", "--batch-size", "4"]) == 0
+    summary = json.loads((tmp_path / "out" / "concepts.json").read_text())
+    (entry,) = summary["images"]
+    assert len(entry["concepts"]) == 2 and len(entry["concepts"][0]["references"]) == 2
+    assert (tmp_path / "out" / "0_concepts.png").stat().st_size > 0
+    assert (tmp_path / "out" / "scores.h5").exists()
+    assert main(["concepts", str(folder / "1.png"), *model, "--out", str(tmp_path / "one")]) == 0
+    assert "top channels of relu4" in capsys.readouterr().out
+    assert main(["concepts", str(folder / "1.png"), *model[:2], "--layer", "nope", "--out", str(tmp_path)]) == 2
+    assert "'nope' is not a layer" in capsys.readouterr().err

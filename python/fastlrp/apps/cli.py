@@ -5,6 +5,7 @@
     fastlrp video    IN --model ARCH --out OUT.mp4 [--clip-length T --clip-stride S] ...
     fastlrp volume   IN.nii[.gz] --model ARCH --out OUT.nii.gz ...
     fastlrp dataset  DIR --model ARCH --out heatmaps.h5 ...      (also under torchrun)
+    fastlrp concepts IMAGE|DIR --model ARCH --layer NAME [--out DIR] ...   (also under torchrun)
     fastlrp bench    [options of bench/bench_lrp.py]
 
 Each subcommand is a function taking the parsed arguments and returning an exit code. The
@@ -143,6 +144,27 @@ def _cmd_dataset(args) -> int:
               f"already done; {summary['world']} process(es)")
         print(f"wrote {summary['out']} (relevance {summary['n']}x{summary['size'][0]}x{summary['size'][1]} float32, "
               "paths, labels, predictions, targets)")
+    return 0
+
+
+def _cmd_concepts(args) -> int:
+    from .pipelines.common import parse_target
+    from .pipelines.concepts import explain_concepts
+
+    if args.method != "lrp":
+        raise ValueError(f"concepts are conditional LRP heatmaps; --method {args.method} does not apply")
+    summary = explain_concepts(args.input, args.model, args.layer, weights=args.weights, num_classes=args.num_classes,
+                               composite=args.composite, target=parse_target(args.target), size=args.size,
+                               normalize=args.normalize, convert=args.convert, out_dir=args.out, top=args.top,
+                               refs=args.refs, atlases=args.atlases, batch_size=args.batch_size, device=args.device,
+                               passthrough=tuple(args.passthrough or ()))
+    if "images" not in summary:
+        return 0  # a torchrun rank other than 0
+    for record in summary["images"]:
+        shares = ", ".join(f"{c['channel']} ({c['share']:.0%})" for c in record["concepts"])
+        print(f"{record['path']}: class {record['target']}, top channels of {summary['layer']}: {shares} "
+              f"-> {record['atlas']}")
+    print("wrote concepts.json" + (f" and {summary['scores']}" if summary["scores"] else ""))
     return 0
 
 
@@ -321,6 +343,26 @@ def build_parser() -> argparse.ArgumentParser:
     for action in dataset._actions:  # dataset also knows the labels of an ImageFolder
         if action.dest == "target":
             action.help = "class to explain: pred (default), label (an ImageFolder's class) or a class index"
+
+    concepts = commands.add_parser(
+        "concepts", help="the most relevant channels of a layer, their conditional heatmaps and reference images",
+        description="Concept Relevance Propagation (docs/concepts.md): for an image, the --top most relevant "
+        "channels of --layer with their conditional heatmaps (an atlas PNG); for a folder, also every "
+        "channel's reference images over the folder (scores.h5, relevance and activation maximization) "
+        "shown in the atlases of its first --atlases images. Under torchrun each process scores its share.")
+    concepts.add_argument("input", metavar="IMAGE_OR_DIR", help="an image, or a folder of images")
+    _add_model_options(concepts)
+    concepts.add_argument("--out", default="fastlrp-concepts", help="output folder (default: fastlrp-concepts)")
+    concepts.add_argument("--top", type=_positive_int, default=4, help="channels per atlas (default: 4)")
+    concepts.add_argument("--refs", type=_positive_int, default=4, help="reference images per channel (default: 4)")
+    concepts.add_argument("--atlases", type=_positive_int, default=4,
+                          help="for a folder: atlases of its first N images (default: 4)")
+    concepts.add_argument("--batch-size", type=_positive_int, default=16, help="images per batch (default: 16)")
+    concepts.set_defaults(func=_cmd_concepts)
+    for action in concepts._actions:
+        if action.dest == "layer":
+            action.required = True
+            action.help = "the layer whose channels are the concepts (a name of fastlrp.LRP(model).layer_names)"
 
     from .benchmark import add_arguments
 

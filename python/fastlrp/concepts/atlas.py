@@ -37,11 +37,13 @@ class ConceptAtlas:
 
 def concept_atlas(model, x: torch.Tensor, layer: str, references: ConceptReferences | None = None,
                   samples: torch.Tensor | Callable | None = None, target=None, k: int = 4, refs: int = 4, *,
-                  by: str = "relevance", patch_size: int = 32, composite="epsilon_plus",
-                  **rule_options) -> ConceptAtlas:
+                  by: str = "relevance", patch_size: int = 32, pictures: Callable | None = None,
+                  picture: torch.Tensor | None = None, composite="epsilon_plus", **rule_options) -> ConceptAtlas:
     """The ``k`` most relevant channels of ``layer`` for the prediction on ``x`` ([1, ...]): their
     conditional heatmaps and shares, and, given ``references`` and ``samples`` (the dataset as a tensor,
-    or a callable from a list of dataset indices to a tensor), ``refs`` reference regions each."""
+    or a callable from a list of dataset indices to a tensor), ``refs`` reference regions each.
+    ``pictures`` (indices -> images) and ``picture`` (for ``x``): what to show when the model's input
+    is normalized (default: the input itself)."""
     explainer = explainer_for(model, composite, **rule_options)
     check_tensor("x", x, ndim_min=4)
     positive_int("k", k)
@@ -59,12 +61,15 @@ def concept_atlas(model, x: torch.Tensor, layer: str, references: ConceptReferen
         rows = []
         for c, condition in zip(top.channels, conditions):
             index, _ = references.top(c, by)
-            picked = load(index[:refs].tolist()).to(x)
+            chosen = index[:refs].tolist()
+            shown = None if pictures is None else pictures(chosen)
             # a reference region shows the concept for the sample's own prediction, as zennit-crp does
-            crops, _ = reference_regions(explainer, picked, Condition(layer, c), by=by, size=patch_size)
+            crops, _ = reference_regions(explainer, load(chosen).to(x), Condition(layer, c), by=by,
+                                         size=patch_size, pictures=shown)
             rows.append(crops)
         patches = torch.stack(rows)
-    return ConceptAtlas(x[0].detach(), target, conditions, top.shares, heat, patches, by)
+    shown = x[0] if picture is None else picture.reshape(picture.shape[-3:])
+    return ConceptAtlas(shown.detach(), target, conditions, top.shares, heat, patches, by)
 
 
 def plot_concept_atlas(atlas: ConceptAtlas, class_names=None):

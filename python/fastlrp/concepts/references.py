@@ -65,7 +65,11 @@ def _batches(data, target, batch_size: int):
     if target is not None:
         raise ValueError("target goes inside the batches when data is an iterable of (x, target)")
     start = 0
-    for x, t in data:
+    for batch in data:
+        if len(batch) == 3:  # (dataset indices, x, target)
+            yield torch.as_tensor(batch[0]).long(), batch[1], batch[2]
+            continue
+        x, t = batch
         yield torch.arange(start, start + x.shape[0]), x, t
         start += x.shape[0]
 
@@ -78,11 +82,14 @@ def _rank_world() -> tuple:
     return 0, 1
 
 
-def score_dataset(model, data, layer: str, path, target=None, *, batch_size: int = 32,
+def score_dataset(model, data, layer: str, path, target=None, *, batch_size: int = 32, shard: bool = True,
                   composite="epsilon_plus", **rule_options) -> Path:
     """Score every channel of ``layer`` on every sample of ``data`` (a tensor [N, ...] with ``target``
     alongside: None for the prediction, an int or one index per sample; or an iterable of (x, target)
-    batches) into the HDF5 file ``path``. Returns the path."""
+    or (dataset indices, x, target) batches) into the HDF5 file ``path``. Returns the path.
+
+    Under torch.distributed each rank takes batches r, r + w, ...; ``shard=False``: ``data`` holds
+    this rank's batches already (with their dataset indices), so none are read only to be skipped."""
     explainer = explainer_for(model, composite, **rule_options)
     if layer not in explainer.layer_names:
         raise KeyError(f"layer {layer!r} is not a layer of the explainer; names are explainer.layer_names")
@@ -92,7 +99,7 @@ def score_dataset(model, data, layer: str, path, target=None, *, batch_size: int
     own = path if world == 1 else path.with_name(f"{path.name}.part{rank}-of-{world}")
     with HeatmapStore(own, "w") as store:
         for i, (index, x, t) in enumerate(_batches(data, target, batch_size)):
-            if i % world != rank:
+            if shard and i % world != rank:
                 continue
             check_tensor("x", x, ndim_min=2)
             result = explainer.explain(x, t, layers=[layer])
@@ -162,12 +169,14 @@ def reference_samples(model, data, layer: str, path, target=None, k: int = 8, *,
 
 
 def reference_regions(model, x: torch.Tensor, concept: Condition, target=None, *, by: str = "relevance",
-                      size: int = 32, fraction: float = 0.3, composite="epsilon_plus", **rule_options):
+                      size: int = 32, fraction: float = 0.3, pictures: torch.Tensor | None = None,
+                      composite="epsilon_plus", **rule_options):
     """The region of each sample of ``x`` ([k, C, H, W], a concept's reference samples) that shows
     ``concept``: the bounding box of the pixels where its conditional heatmap (``by="relevance"``) or
     its channel's upsampled activation (``by="activation"``) reaches ``fraction`` of the sample's
     maximum, cropped and resized to ``size`` x ``size``. Returns (patches [k, C, size, size], boxes
-    [k, 4] as (top, left, bottom, right))."""
+    [k, 4] as (top, left, bottom, right)). ``pictures``: what to crop instead of ``x`` (the images before
+    the model's normalization, same height and width)."""
     explainer = explainer_for(model, composite, **rule_options)
     check_tensor("x", x, ndim_min=4)
     if by not in BY:
@@ -181,7 +190,9 @@ def reference_regions(model, x: torch.Tensor, concept: Condition, target=None, *
         maps = F.interpolate((activation * mask).sum(1, keepdim=True), size=x.shape[-2:], mode="bilinear",
                              align_corners=False)[:, 0]
     patches, boxes = [], []
-    for image, heat in zip(x, maps):
+    if pictures is not None and tuple(pictures.shape[-2:]) != tuple(x.shape[-2:]):
+        raise ValueError(f"pictures {tuple(pictures.shape)} must have the height and width of x {tuple(x.shape)}")
+    for image, heat in zip(x if pictures is None else pictures.to(x.device), maps):
         top, left, bottom, right = _box(heat, fraction)
         crop = image[:, top:bottom, left:right]
         patches.append(F.interpolate(crop[None], size=(size, size), mode="bilinear", align_corners=False)[0])
