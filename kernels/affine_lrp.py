@@ -371,12 +371,18 @@ def _tuned(autotuned, args, kwargs) -> bool:
     return tuple(key) in autotuned.cache
 
 
+def tuning_enabled() -> bool:
+    """``FASTLRP_TRITON_TUNE=0`` runs the safe tile untuned (no compile of every config per layer shape)."""
+    return os.environ.get("FASTLRP_TRITON_TUNE", "1") != "0"
+
+
 def _launch(autotuned, grid, args, kwargs, wrap):
-    """Launch through the autotuner, except inside a CUDA-graph capture for a key it has not tuned:
-    benchmarking there would record the trial launches into the graph (or fail), so the safe config
-    runs untuned."""
+    """Launch through the autotuner, except inside a CUDA-graph capture for a key it has not tuned
+    (benchmarking there would record the trial launches into the graph, or fail) and where tuning is
+    off: then the safe config runs untuned."""
     kernel = autotuned
-    if len(autotuned.configs) > 1 and _capturing() and not _tuned(autotuned, args, kwargs):
+    untuned = not tuning_enabled() or (_capturing() and not _tuned(autotuned, args, kwargs))
+    if len(autotuned.configs) > 1 and untuned:
         kernel, kwargs = autotuned.fn, {**kwargs, **autotuned.configs[SAFE_CONFIG].all_kwargs()}
     (kernel if wrap is None else wrap(kernel))[grid](*args, **kwargs)
 

@@ -185,6 +185,7 @@ def test_autotuning_is_kept_out_of_graph_captures(monkeypatch):
     configs = [triton.Config({"BM": 16 * (i + 1)}, num_warps=4) for i in range(len(affine_lrp.CONFIG_SHAPES))]
     x = torch.empty(3)
     tuned = _FakeAutotuner(configs, {(7, True, str(x.dtype)): configs[0]})
+    monkeypatch.delenv("FASTLRP_TRITON_TUNE", raising=False)
     monkeypatch.setattr(affine_lrp, "_capturing", lambda: True)
     affine_lrp._launch(tuned, (1,), (x, 7), {"FLAG": True}, None)  # tuned before: through the autotuner
     assert tuned.launched[-1][2] == {"FLAG": True}
@@ -197,6 +198,9 @@ def test_autotuning_is_kept_out_of_graph_captures(monkeypatch):
     monkeypatch.setattr(affine_lrp, "_capturing", lambda: False)
     affine_lrp._launch(untuned, (1,), (x, 8), {"FLAG": True}, None)  # outside a capture: tuned as usual
     assert len(calls) == 1 and untuned.launched
+    monkeypatch.setenv("FASTLRP_TRITON_TUNE", "0")  # tuning off: the safe tile, also for a tuned key
+    affine_lrp._launch(tuned, (1,), (x, 7), {"FLAG": True}, None)
+    assert tuned.launched[-1][2] == calls[0]
 
 
 def test_the_autotune_key_names_the_rule_groups_and_layout():

@@ -42,10 +42,13 @@ def _configs():
             for bm, bn, bk, w, s in affine_lrp.CONFIG_SHAPES]
 
 
+def _id(task: dict) -> str:
+    return "|".join(str(task[k]) for k in ("arch", "dtype", "kernel", "variant", "config") if k in task)
+
+
 def compile_task(task: dict) -> dict:
     """One compile: an affine launch (variant, which, config) or a pool kernel, for one arch and dtype."""
-    rec = dict(task)
-    rec["id"] = "|".join(str(task[k]) for k in ("arch", "dtype", "kernel", "variant", "config") if k in task)
+    rec = dict(task, id=_id(task))
     try:
         dtype = DTYPES[task["dtype"]]
         config = None
@@ -159,7 +162,11 @@ def main(argv=None) -> int:
                     "runs float32 layers natively, so this is a report, not a check)")
     ap.add_argument("--only", default=None, help="variants whose name holds this text")
     ap.add_argument("--configs", type=int, nargs="+", default=None, help="config indices (default: all)")
+    ap.add_argument("--model-set", action="store_true", help="the variants the performance model needs "
+                    "(cases.MODEL_VARIANTS) instead of cases.VARIANTS")
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--log", default=None, help="JSON-lines file each record is appended to as it completes; "
+                    "records already there are not compiled again")
     ap.add_argument("--out", default=None, help="JSON file for the records")
     ap.add_argument("--report", default=None, help="markdown table file")
     a = ap.parse_args(argv)
@@ -168,16 +175,26 @@ def main(argv=None) -> int:
                 + tasks([80], ["float32"], cases.CI_VARIANTS[:1], [affine_lrp.SAFE_CONFIG], True, False))
         plan = [t for t in plan if not (t["kernel"] == "forward" and "fc_" in t["variant"])]
     else:
-        variants = cases.VARIANTS if a.only is None else [v for v in cases.VARIANTS if a.only in "/".join(map(str, v))]
+        variants = cases.MODEL_VARIANTS if a.model_set else cases.VARIANTS
+        variants = variants if a.only is None else [v for v in variants if a.only in "/".join(map(str, v))]
         configs = a.configs if a.configs is not None else list(range(len(affine_lrp.CONFIG_SHAPES)))
         plan = tasks(a.arch or [90, 80], a.dtype or ["bfloat16", "float16", "float32"], variants, configs, not a.ieee,
-                     a.only is None)
+                     a.only is None and not a.model_set)
     start = time.time()
-    if a.jobs > 1:
-        with ProcessPoolExecutor(a.jobs) as pool:
-            records = list(pool.map(compile_task, plan))
-    else:
-        records = [compile_task(t) for t in plan]
+    done = {}
+    if a.log and Path(a.log).exists():
+        for line in Path(a.log).read_text().splitlines():
+            r = json.loads(line)
+            done[r["id"]] = r
+    todo = [t for t in plan if _id(t) not in done]
+    log = open(a.log, "a") if a.log else None
+    records = [done[_id(t)] for t in plan if _id(t) in done]
+    with ProcessPoolExecutor(max(a.jobs, 1)) as pool:
+        for r in pool.map(compile_task, todo):
+            records.append(r)
+            if log:
+                log.write(json.dumps(r, default=str) + "\n")
+                log.flush()
     failures = judge(records)
     summary = {"compiles": len(records), "ok": sum(r["status"] == "ok" for r in records),
                "failures": failures, "seconds": round(time.time() - start, 1),
