@@ -72,3 +72,23 @@ def tiny_groupnorm_volume_cnn(num_classes=2):
     return _seeded(lambda: nn.Sequential(
         nn.Conv3d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(),
         nn.Linear(4, num_classes)))
+
+
+class _FeaturesNet(nn.Module):
+    """torchvision's VGG layout in miniature: ``features`` (convolutions), pooling, ``classifier``."""
+
+    def __init__(self, features, classifier):
+        super().__init__()
+        self.features, self.pool, self.classifier = features, nn.AdaptiveAvgPool2d(1), classifier
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.features(x)).flatten(1))
+
+
+def gn_net(num_classes=3):
+    """RGB images -> num_classes logits; GroupNorms (no LRP rule) in ``features``, whose last
+    convolution is ``features.8`` (the layer docs/cli.md gives --method gradcam)."""
+    return _seeded(lambda: _FeaturesNet(nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, padding=1), nn.GroupNorm(2, 6), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, padding=1), nn.ReLU()), nn.Linear(8, num_classes)))
