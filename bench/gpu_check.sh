@@ -48,13 +48,16 @@ step() {  # step NAME COMMAND...: run with a timeout, log its exit code and seco
 
 if [ "$DRY" = 1 ]; then
   DEVICE=cpu
-  BENCH_SIZES=(--device cpu --batch 1 --size 32 --video-batch 1 --video-size 32 --frames 4 --warmup 1 --repeats 1)
+  BENCH_SIZES=(--device cpu --batch 1 --size 32 --video-batch 1 --video-size 32 --frames 4 --warmup 1 --repeats 1
+               --no-memory)
+  COMPOSITES=(epsilon_plus)
   PROVIDERS=(fastlrp:native fastlrp:reference)
   TESTS=(tests/test_gpu_fallback.py)
   echo "dry run: no build (the extension in place is used), no GPU tests, CPU bench at tiny sizes"
 else
   DEVICE=cuda
   BENCH_SIZES=(--gpu --batch 64 --cuda-events --warmup 3 --repeats 10)
+  COMPOSITES=(epsilon_plus epsilon_gamma_box)
   PROVIDERS=(fastlrp:triton fastlrp:native fastlrp:reference)
   TESTS=(tests/triton tests/test_gpu_fallback.py tests/test_ops.py tests/test_native_engine.py -m "gpu or not gpu")
   export PY
@@ -94,7 +97,7 @@ step static "$PY" -m bench.gpu_static.check --ci --jobs 4 --out "$WORK/static.js
 step tests "$PY" -m pytest -q -x "${TESTS[@]}"
 for dtype in float32 bfloat16; do
   step "bench-$dtype" "$PY" bench/bench_lrp.py "${BENCH_SIZES[@]}" --dtype "$dtype" \
-    --models resnet50 vgg16 r3d_18 --composites epsilon_plus epsilon_gamma_box \
+    --models resnet50 vgg16 r3d_18 --composites "${COMPOSITES[@]}" \
     --providers "${PROVIDERS[@]}" --name "bench-$dtype" --out "$WORK"
   for f in "$WORK"/bench-"$dtype"-*.json; do [ -e "$f" ] && mv "$f" "$WORK/bench-$dtype.json"; done
 done

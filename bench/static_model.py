@@ -12,9 +12,10 @@ traced on the 'meta' device. Per layer and backend, time = the larger of
   * memory: the bytes each kernel must move (inputs once, outputs once) / (bandwidth x BW_EFFICIENCY).
 Backends: ``gradient`` (forward conv + the input-gradient conv), ``native`` (forward, z conv where the
 rule needs one, the stabilized division, the transposed conv, the combination: docs/native.md),
-``triton kernels`` (the fused forward and relevance kernels on every layer they take, best choosable
-config), ``triton backend`` (the default routing: few-channel and IEEE-float32 layers native, else the
-faster of the two per layer, as the measured choice would pick). Pooling, ReLU, batch norm and sums are
+``triton fused`` (before the redesign: the fused forward and relevance kernels on every layer they
+take, best choosable config), ``triton backend`` (after: the fused forward kernel and the dense relevance
+pass, or the native path where that is faster, as the measured choice would pick; few-channel and
+IEEE-float32 layers native). Pooling, ReLU, batch norm and sums are
 left out for every backend alike.
 """
 
@@ -120,23 +121,23 @@ def layer_times(layer, rule, nonneg, gpu, precision, elem, sass):
     gemm_prec = tensor_prec if kind != "Linear" or precision != "tf32" else "fp32"  # cuBLAS: TF32 off by default
     t["gradient"] = _conv_s(macs, x_b + w_b + y_b, gpu, gemm_prec) * 2  # forward + input gradient
     z_groups, divide, t_groups, combine = NATIVE[rule]
-    native = _conv_s(macs, x_b + w_b + y_b, gpu, gemm_prec)  # the layer's own output
+    native_forward = _conv_s(macs, x_b + w_b + y_b, gpu, gemm_prec)  # the layer's own output
     if z_groups:
-        native += _conv_s(macs * z_groups, x_b + z_groups * (w_b + y_b), gpu, gemm_prec)
-    native += _bytes_s(divide * y_b, gpu)
-    native += _conv_s(macs * t_groups, t_groups * (y_b + w_b) + x_b, gpu, gemm_prec)
-    native += _bytes_s(combine * x_b, gpu)
-    t["native"] = native
-    t["triton_kernels"] = None
+        native_forward += _conv_s(macs * z_groups, x_b + z_groups * (w_b + y_b), gpu, gemm_prec)
+    dense_relevance = (_bytes_s(divide * y_b, gpu) + _conv_s(macs * t_groups, t_groups * (y_b + w_b) + x_b, gpu,
+                                                             gemm_prec) + _bytes_s(combine * x_b, gpu))
+    t["native"] = native_forward + dense_relevance
     rep = representative(kind, x, w, stride)
     worthwhile = w[1] >= 16 and precision != "ieee"
     options = sass.get((rep, rule, nonneg)) if sass else None
+    fused = None
     if options and worthwhile:
-        t["triton_kernels"] = sum(_triton_kernel_s(options[which], which, layer, gpu, elem) for which in
-                                  ("forward", "relevance"))
-    t["triton_kernels_config"] = None
-    fast = t["triton_kernels"]
-    t["triton_backend"] = native if fast is None else min(native, fast)
+        fused = {which: _triton_kernel_s(options[which], which, layer, gpu, elem) for which in ("forward", "relevance")}
+    # before the redesign: both passes as fused implicit GEMMs; after: the fused forward, the dense relevance
+    t["triton_fused"] = None if fused is None else fused["forward"] + fused["relevance"]
+    t["triton_fused_forward"] = None if fused is None else fused["forward"]
+    after = None if fused is None else fused["forward"] + dense_relevance
+    t["triton_backend"] = t["native"] if after is None else min(t["native"], after)
     t["representative"] = rep
     t["worthwhile"] = worthwhile
     return t
@@ -188,19 +189,19 @@ def run(models, composites, gpu_name, dtype, sass_path):
     for name in models:
         layers, batch = model_layers(name)
         for composite in composites:
-            per_layer, totals = [], {"gradient": 0.0, "native": 0.0, "triton_kernels": 0.0, "triton_backend": 0.0}
+            per_layer, totals = [], {"gradient": 0.0, "native": 0.0, "triton_fused": 0.0, "triton_backend": 0.0}
             missing = 0
             for i, layer in enumerate(layers):
                 rule, nonneg = rule_for(composite, i, layer[0])
                 t = layer_times(layer, rule, nonneg, gpu, precision, elem, sass)
                 for key in ("gradient", "native", "triton_backend"):
                     totals[key] += t[key]
-                # layers the kernels do not take run natively in the kernels-only figure too
-                totals["triton_kernels"] += t["triton_kernels"] if t["triton_kernels"] is not None else t["native"]
-                missing += t["worthwhile"] and t["triton_kernels"] is None
+                # layers the kernels do not take run natively in the fused figure too
+                totals["triton_fused"] += t["triton_fused"] if t["triton_fused"] is not None else t["native"]
+                missing += t["worthwhile"] and t["triton_fused"] is None
                 per_layer.append(dict(kind=layer[0], x=layer[1], weight=layer[2], stride=layer[3], rule=rule,
                                       nonneg=nonneg, **{k: (round(v * 1e6, 2) if isinstance(v, float) else v)
-                                                        for k, v in t.items() if k != "triton_kernels_config"}))
+                                                        for k, v in t.items()}))
             result["models"][f"{name}/{composite}"] = {
                 "batch": batch, "layers": per_layer, "missing_sass": missing,
                 "total_us": {k: round(v * 1e6, 1) for k, v in totals.items()},
@@ -210,16 +211,17 @@ def run(models, composites, gpu_name, dtype, sass_path):
 
 
 def report_md(result) -> str:
-    lines = [f"Static model, {result['gpu']} {result['dtype']} (a model, not a measurement; docs/gpu.md). "
-             f"img/s of the Conv/Linear layers' LRP (gradient: forward + input gradient).", "",
-             "| model / composite | gradient | native | triton kernels | triton backend (default) | "
-             "layers without SASS |", "|---|---|---|---|---|---|"]
+    lines = [f"Static model, {result['gpu']} {result['dtype']} (a model, not a measurement; docs/gpu.md): img/s of "
+             "the Conv/Linear layers' LRP; gradient = forward + input gradient of the same layers.", "",
+             "| model / composite | gradient | native | triton, fused relevance (before) | "
+             "triton backend, dense relevance (after) | layers without SASS |", "|---|---|---|---|---|---|"]
     for key, m in result["models"].items():
         ips = m["img_per_s"]
-        lines.append(f"| {key} | {ips['gradient']} | {ips['native']} | {ips['triton_kernels']} | "
+        lines.append(f"| {key} | {ips['gradient']} | {ips['native']} | {ips['triton_fused']} | "
                      f"{ips['triton_backend']} | {m['missing_sass']} |")
-    lines += ["", "Per layer kind (first of each), microseconds:", "",
-              "| model / composite | layer | rule | gradient | native | triton kernels |", "|---|---|---|---|---|---|"]
+    lines += ["", "Per layer kind (the first layer of each kind), microseconds:", "",
+              "| model / composite | layer | rule | gradient | native | triton fused fwd+rel | triton fused fwd | "
+              "triton backend |", "|---|---|---|---|---|---|---|---|"]
     for key, m in result["models"].items():
         seen = set()
         for layer in m["layers"]:
@@ -227,8 +229,9 @@ def report_md(result) -> str:
             if sig in seen:
                 continue
             seen.add(sig)
-            lines.append(f"| {key} | {layer['kind']} x{list(layer['x'])} w{list(layer['weight'])} s{list(layer['stride'])} "
-                         f"| {layer['rule']} | {layer['gradient']} | {layer['native']} | {layer['triton_kernels']} |")
+            lines.append(f"| {key} | {layer['kind']} x{list(layer['x'])} w{list(layer['weight'])} "
+                         f"s{list(layer['stride'])} | {layer['rule']} | {layer['gradient']} | {layer['native']} | "
+                         f"{layer['triton_fused']} | {layer['triton_fused_forward']} | {layer['triton_backend']} |")
     return "\n".join(lines) + "\n"
 
 

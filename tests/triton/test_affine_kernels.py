@@ -169,3 +169,34 @@ def test_bad_arguments_name_the_argument():
         triton_ops.affine_relevance(x, w, y, y, y, [], coef, [0.0] * 8, [1.0, -1.0], [0, 0], **good)
     with pytest.raises(ValueError, match="group_masks"):
         triton_ops.affine_relevance(x, w, y, y, y, [], coef, [0.0] * 8, [1.0], [3], **good)
+
+
+DENSE_RULES = [rules.Epsilon(0.25), rules.ZPlus(), rules.AlphaBeta(2, 1), rules.Gamma(0.25), rules.WSquare(),
+               rules.Flat(), "zbox"]
+
+
+@pytest.mark.parametrize("nonnegative", [False, True], ids=["signed", "after_relu"])
+@pytest.mark.parametrize("rule", DENSE_RULES, ids=lambda r: r if isinstance(r, str) else type(r).__name__)
+def test_dense_relevance_pass_takes_the_fused_forwards_z(rule, nonnegative, poisoned):
+    """On CUDA the Triton backend's relevance pass is the native block rule (element-wise division, a
+    transposed convolution, element-wise combination) fed with the fused forward kernel's z: the two
+    must agree on z's groups and channel order for every rule, with and without the ReLU shortcut."""
+    from fastlrp import ops
+    from fastlrp.backends.native import BlockRule
+    if not ops.native_supports(torch.device(DEVICE), torch.float32):
+        pytest.skip("the native kernels are not built here")
+    op = AffineOp("conv", 2, (2, 1), (1, 1), (1, 1), 1)
+    x = torch.randn(2, 3, 7, 6, device=DEVICE)
+    if nonnegative:
+        x = x.clamp(min=0)
+    w, b = torch.randn(4, 3, 3, 3, device=DEVICE), torch.randn(4, device=DEVICE)
+    if rule == "zbox":
+        rule = rules.ZBox(*_bounds(x))
+    form = rule.form()
+    kernel_rule = TritonLinearRule(op, form, w, b, nonnegative)
+    y, z = kernel_rule.forward(x)
+    R = torch.randn_like(y)
+    block_form = form.for_nonnegative_input(merge_positive=True) if nonnegative else form
+    got = BlockRule(op, block_form, w, b).relevance(x, z, y, R)
+    expected = _oracle(rule, op, x.double(), w.double(), b.double(), R.double())
+    assert relative_error(got, expected) < FLOAT32_RTOL * 10

@@ -9,6 +9,7 @@ NP = f(x-; W+), NN = f(x-; W-); up to two sample-free bound products f(b_j; a W+
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -117,19 +118,33 @@ class TritonLinearRule:
 
 
 class TritonAffineFunction(torch.autograd.Function):
-    """forward: output and z in one fused kernel; backward: the fused relevance kernel."""
+    """forward: output and z in one fused kernel; backward: the dense relevance pass (``dense``, the native
+    block rule: one element-wise division kernel, the transposed convolution by cuDNN/cuBLAS, one combining
+    kernel) where given, else the fused relevance kernel."""
 
     @staticmethod
-    def forward(ctx, kernel_rule, x):
+    def forward(ctx, kernel_rule, dense, x):
         y, z = kernel_rule.forward(x)
-        ctx.kernel_rule = kernel_rule
+        ctx.kernel_rule, ctx.dense = kernel_rule, dense
         ctx.save_for_backward(x, z, y)
         return y
 
     @staticmethod
     def backward(ctx, relevance):
         x, z, y = ctx.saved_tensors
-        return None, ctx.kernel_rule.relevance(x, z, y, relevance)  # any strides, also expanded ones
+        if ctx.dense is not None:  # z holds the same groups, in the same channel order, as the block's own z
+            return None, None, ctx.dense.relevance(x, z, y, relevance)
+        return None, None, ctx.kernel_rule.relevance(x, z, y, relevance)  # any strides, also expanded ones
+
+
+def relevance_mode() -> str:
+    """``FASTLRP_TRITON_RELEVANCE``: ``dense`` (default: on CUDA, the relevance pass as element-wise kernels
+    around a cuDNN/cuBLAS transposed convolution wherever the native path takes the layer) or ``fused``
+    (always the fused implicit-GEMM relevance kernel)."""
+    mode = os.environ.get("FASTLRP_TRITON_RELEVANCE", "dense")
+    if mode not in ("dense", "fused"):
+        raise ValueError(f"FASTLRP_TRITON_RELEVANCE must be 'dense' or 'fused', got {mode!r}")
+    return mode
 
 
 def shape_key(layer, x: torch.Tensor, weight: torch.Tensor) -> str:
@@ -177,7 +192,16 @@ class TritonBackend(Backend):
                                     lambda: _time_pass(self.fallback.forward, layer, x))
 
     def forward_affine(self, layer, inputs):
-        return TritonAffineFunction.apply(self.kernel_rule(layer), inputs[0])
+        return TritonAffineFunction.apply(self.kernel_rule(layer), self.dense_rule(layer, inputs), inputs[0])
+
+    def dense_rule(self, layer, inputs):
+        """The native block rule that runs the relevance pass, or None for the fused kernel. The fused
+        kernel redoes the division and masks for every (row, tap) of every column tile inside its K loop,
+        which bounds it by instruction issue, not the tensor cores (docs/gpu.md, "Static performance model");
+        the dense pass does that work once per element."""
+        if inputs[0].device.type != "cuda" or relevance_mode() != "dense" or not self.fallback.supports(layer, inputs):
+            return None
+        return self.fallback.block(layer)
 
     # ---- sums and average pooling
     def supports_norm(self, layer, inputs) -> bool:
