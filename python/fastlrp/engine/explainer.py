@@ -65,7 +65,7 @@ class LRP:
         Triton kernels, per layer and shape the faster of them and native) or ``"reference"`` (pure
         PyTorch); default from ``FASTLRP_BACKEND``, else the fastest available. The chosen one is
         ``explainer.backend``. Under ``native``, a layer whose device, dtype or form has no kernel
-        (float16 on the CPU, grouped or transposed convolutions) runs the reference rule.
+        (float16 on the CPU, transposed convolutions) runs the reference rule.
     nonfinite: what to do when input samples hold NaN or Inf (their relevance cannot be finite):
         ``"warn"`` (default) names the samples in a warning, ``"raise"`` raises a ValueError.
     weight_cache: the derived weights (folded batch norms, block weights, kernel tables) kept between
