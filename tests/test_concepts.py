@@ -247,11 +247,11 @@ def test_scores_stream_in_chunks_and_shards_merge(tmp_path):
     torch.testing.assert_close(one.activation_scores, scores.T.topk(3, dim=1).values.float())
 
 
-def test_atlas_plots(demo, tmp_path):
+def test_atlas_plots_and_the_demo_report_shows_the_watermark_concept(demo, tmp_path):
     pytest.importorskip("matplotlib")
     pytest.importorskip("h5py")
-    import matplotlib
-    matplotlib.use("Agg")
+    from fastlrp.apps.demo.report import concept_section
+
     explainer, images, _, marked = demo
     refs = reference_samples(explainer, images[:24], "relu5", tmp_path / "s.h5", k=2, batch_size=24)
     atlas = concept_atlas(explainer, images[marked][:1], "relu5", refs, images[:24], k=2, refs=2, patch_size=8)
@@ -259,6 +259,10 @@ def test_atlas_plots(demo, tmp_path):
     figure = plot_concept_atlas(atlas, class_names=["disk", "cross"])
     figure.savefig(tmp_path / "atlas.png")
     assert (tmp_path / "atlas.png").stat().st_size > 0
+
+    (title, body), summary = concept_section(explainer, 64, seed=1, k=3, refs=4)
+    assert "<img" in body and "watermark concept" in body
+    assert summary["watermark_concept"] is not None, summary
 
 
 def test_cli_concepts_on_a_folder_and_an_image(tmp_path, capsys):

@@ -11,6 +11,7 @@ from .composites import Composite
 from .engine import LRP, Explanation, available_backends, starting_relevance
 from .engine import UnsupportedLayerError
 from . import methods
+from . import concepts
 from .methods import attribute
 from .methods import (CAM, LIME, Deconvolution, DeepTaylor, GradCAM, GradCAMPlusPlus, GradientTimesInput,
                       GuidedBackpropagation, IntegratedGradients, KernelSHAP, MeaningfulPerturbation, Occlusion,
@@ -25,7 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LRP", "Explanation", "Composite", "UnsupportedLayerError", "available_backends", "build_info",
     "starting_relevance", "audit", "analysis", "backends", "composites", "linear_form", "heatmap", "layers", "metrics",
-    "reference", "rules", "viz",
+    "reference", "rules", "viz", "concepts",
     "AlphaBeta", "DeconvNet", "Epsilon", "Flat", "Gamma", "Gradient", "GuidedBackprop", "Norm", "Pass",
     "Proportional", "WSquare", "ZBox", "ZPlus",
     # other attribution methods (fastlrp.methods)

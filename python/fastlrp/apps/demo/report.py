@@ -346,3 +346,64 @@ def spray_section(explainer, n: int, seed: int, method: str, batch_size: int = 2
     summary = {"n": n, "seed": seed, "n_clusters": result.n_clusters, "eigenvalues": result.eigenvalues.tolist(),
                "clusters": clusters}
     return ("SpRAy: the strategies behind \"cross\"", body), summary
+
+
+CONCEPT_LAYER = "relu4"  # the residual block's output, 16x16: fine enough to tell the corner from the shape
+
+
+def concept_section(explainer, n: int, seed: int, k: int = 4, refs: int = 6) -> tuple[Section, dict]:
+    """The concept atlas of a watermarked "cross": the ``k`` most relevant channels of ``CONCEPT_LAYER``,
+    their conditional heatmaps, and their ``refs`` reference images by relevance among ``n`` new images
+    (Concept Relevance Propagation, fastlrp.concepts). Returns the section and, per channel, its share,
+    the share of its heatmap on the watermark and the fraction of its references that carry it."""
+    import importlib.util
+    import tempfile
+    from pathlib import Path
+
+    from ...concepts import concept_atlas, plot_concept_atlas, reference_samples
+    from ..report import figure_html
+
+    title = "Concepts: which channels carry the watermark"
+    if importlib.util.find_spec("h5py") is None or importlib.util.find_spec("matplotlib") is None:
+        return (title, '<p>Needs h5py and matplotlib: pip install "fastlrp[analysis]".</p>'), {}
+    images, _, marked = make_dataset(n, seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        references = reference_samples(explainer, images, CONCEPT_LAYER, Path(tmp) / "scores.h5", k=refs,
+                                       batch_size=256)
+    # The watermarked image whose heatmap leans on the watermark the most: which channels carry that?
+    candidates = images[marked]
+    pick = int(watermark_share(explainer(candidates, WATERMARK_CLASS)).argmax())
+    atlas = concept_atlas(explainer, candidates[pick:pick + 1], CONCEPT_LAYER, references, images, WATERMARK_CLASS,
+                          k=k, refs=refs)
+    on_mark = watermark_share(atlas.heatmaps[:, None]).tolist()
+    concepts = []
+    for condition, share, mark in zip(atlas.conditions, atlas.shares, on_mark):
+        index, _ = references.top(condition.channels[0])
+        concepts.append({"channel": condition.channels[0], "share": share, "heatmap_on_watermark": mark,
+                         "references_watermarked": float(marked[index].float().mean())})
+    best = max(concepts, key=lambda c: c["heatmap_on_watermark"])
+    # called a watermark concept when most of its heatmap and of its references show the watermark
+    found = best["heatmap_on_watermark"] >= 0.5 and best["references_watermarked"] >= 0.5
+    figure = plot_concept_atlas(atlas, CLASS_NAMES)
+    import matplotlib.pyplot as plt
+
+    picture = figure_html(figure, "concept atlas")
+    plt.close(figure)
+    rows = [[c["channel"], f"{c['share']:.0%}", f"{c['heatmap_on_watermark']:.0%}",
+             f"{c['references_watermarked']:.0%}"] for c in concepts]
+    body = (
+        f"<p>One forward and one batched backward pass give a heatmap per channel of <code>{CONCEPT_LAYER}</code>, "
+        "each conditioned on that channel alone (Concept Relevance Propagation, Achtibat et al. 2023). Each row of "
+        "the atlas is one of the most relevant channels for this watermarked cross: its conditional heatmap, its "
+        f"share of the layer's relevance, and the regions of the {refs} images (of {n} new ones, "
+        f"{float(marked.float().mean()):.0%} watermarked) where it carries the most relevance.</p>"
+        + picture
+        + table_html(["channel", "share of the layer's relevance", "its heatmap on the watermark",
+                      "its reference images with the watermark"], rows)
+        + f"<p><b>Channel {best['channel']}</b> puts {best['heatmap_on_watermark']:.0%} of its positive relevance "
+        f"on the watermark's {WATERMARK_SIZE}x{WATERMARK_SIZE} pixels, and "
+        f"{best['references_watermarked']:.0%} of its reference images carry the watermark"
+        + (": a watermark concept the model learned.</p>" if found else
+           "; no channel here is clearly a watermark concept by these numbers.</p>"))
+    return (title, body), {"layer": CONCEPT_LAYER, "concepts": concepts,
+                           "watermark_concept": best["channel"] if found else None}

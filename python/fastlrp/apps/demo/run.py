@@ -148,7 +148,8 @@ def run_demo(
     report_path, aopc, spray = None, None, None
     if report:
         from ..report import write_report
-        from .report import COMPOSITES, demo_sections, explain_all, pixel_flipping_section, spray_section
+        from .report import (COMPOSITES, concept_section, demo_sections, explain_all, pixel_flipping_section,
+                             spray_section)
 
         # The PNGs' explanation is one of the report's when made with the same options.
         same = not rule_options and options == dict(COMPOSITES).get(composite)
@@ -157,7 +158,8 @@ def run_demo(
         flipping, aopc = pixel_flipping_section(model, images, labels, maps, marked, seed)
         # Other images than the batch's: a seed of their own, fixed by --seed.
         clusters, spray = spray_section(explainer, analysis_n, seed + ANALYSIS_SEED_OFFSET, f"LRP {composite}")
-        sections += [flipping, clusters]
+        concepts, _ = concept_section(explainer, analysis_n, seed + ANALYSIS_SEED_OFFSET)
+        sections += [flipping, clusters, concepts]
         report_path = str(write_report(out / "report.html", "fastlrp demo: finding a Clever-Hans artefact", sections))
 
     return {
