@@ -290,6 +290,21 @@ def colour_meaning(cmap="bwr", target: str | None = None) -> str:
     return f"right end: evidence for{what}, left end: against"
 
 
+def _draw_text(draw, xy, text: str, face) -> None:
+    """``draw.text`` in black. Pillow checks a text's mask against its decompression-bomb limit,
+    which a caller may have lowered for untrusted input files (``fastlrp explain --max-pixels``);
+    a caption is not such a file, so a refusal is retried with the limit lifted for the one call."""
+    try:
+        draw.text(xy, text, fill="black", font=face)
+    except Image.DecompressionBombError:
+        limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            draw.text(xy, text, fill="black", font=face)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
 def _text_width(text: str, face) -> int:
     return int(math.ceil(face.getlength(text)))
 
@@ -320,11 +335,11 @@ def legend(scale: float, cmap="bwr", width: int = 240, target: str | None = None
     draw = ImageDraw.Draw(canvas)
     low, high = f"-{scale:.3g}", f"+{scale:.3g}"
     y = strip_h + 1
-    draw.text((margin, y), low, fill="black", font=face)
-    draw.text(((width - _text_width("0", face)) // 2, y), "0", fill="black", font=face)
-    draw.text((width - margin - _text_width(high, face), y), high, fill="black", font=face)
+    _draw_text(draw, (margin, y), low, face)
+    _draw_text(draw, ((width - _text_width("0", face)) // 2, y), "0", face)
+    _draw_text(draw, (width - margin - _text_width(high, face), y), high, face)
     for k, text in enumerate(lines):
-        draw.text((margin, y + line * (k + 1)), _fit(text, face, width - 2 * margin), fill="black", font=face)
+        _draw_text(draw, (margin, y + line * (k + 1)), _fit(text, face, width - 2 * margin), face)
     return np.asarray(canvas)
 
 
@@ -344,7 +359,7 @@ def annotate(picture: np.ndarray, title: str | Sequence[str] | None = None, scal
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     for k, text in enumerate(titles):
-        draw.text((2, 1 + (size + 4) * k), _fit(text, face, width - 4), fill="black", font=face)
+        _draw_text(draw, (2, 1 + (size + 4) * k), _fit(text, face, width - 4), face)
     canvas.paste(Image.fromarray(picture), ((width - picture.shape[1]) // 2, title_h))
     if bar is not None:
         canvas.paste(Image.fromarray(bar), (0, title_h + picture.shape[0] + 4))
