@@ -4,7 +4,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <stdexcept>
+#include <tuple>
+#include <vector>
 
+#include "cuda/elementwise_plan.h"
 #include "fastlrp/build_info.h"
 #include "fastlrp/lrp_kernels.h"
 
@@ -38,6 +42,42 @@ py::dict build_info() {
 
 
 namespace fl = fastlrp;
+
+// The CUDA element-wise kernels' launch plan and walk, on the host, so tests can check them without a GPU.
+using Strides = std::tuple<int64_t, int64_t, int64_t>;
+
+py::tuple elementwise_plan(int64_t N, int64_t C, int64_t S, const std::vector<Strides>& views, int64_t max_threads) {
+  std::vector<fl::plan::Strides3> v;
+  for (const auto& t : views) v.push_back({std::get<0>(t), std::get<1>(t), std::get<2>(t)});
+  const fl::plan::Plan p = fl::plan::choose(N, C, S, v, max_threads);
+  return py::make_tuple(int(p.layout), p.index32);
+}
+
+template <fl::plan::Layout L, typename I>
+std::vector<int64_t> walk(int64_t C, int64_t S, const Strides& st, const std::vector<int64_t>& indices) {
+  std::vector<int64_t> out;
+  for (int64_t i : indices)
+    out.push_back(int64_t(fl::plan::offset<L, I>(I(i), I(C), I(S), I(std::get<0>(st)), I(std::get<1>(st)),
+                                                 I(std::get<2>(st)))));
+  return out;
+}
+
+std::vector<int64_t> elementwise_offsets(int layout, bool index32, int64_t C, int64_t S, const Strides& strides,
+                                         const std::vector<int64_t>& indices) {
+  using fl::plan::Layout;
+  switch (Layout(layout)) {
+    case Layout::Flat:
+      return index32 ? walk<Layout::Flat, int32_t>(C, S, strides, indices)
+                     : walk<Layout::Flat, int64_t>(C, S, strides, indices);
+    case Layout::ChannelsLast:
+      return index32 ? walk<Layout::ChannelsLast, int32_t>(C, S, strides, indices)
+                     : walk<Layout::ChannelsLast, int64_t>(C, S, strides, indices);
+    case Layout::ChannelsFirst:
+      return index32 ? walk<Layout::ChannelsFirst, int32_t>(C, S, strides, indices)
+                     : walk<Layout::ChannelsFirst, int64_t>(C, S, strides, indices);
+  }
+  throw std::invalid_argument("elementwise_offsets: layout must be 0 (flat), 1 (channels-last) or 2 (channels-first)");
+}
 
 // A view arrives from python/fastlrp/ops as (name, data_ptr, dtype, device_type, device_index,
 // sizes, strides); dtype 0..4 = float32, float64, float16, bfloat16, int64; device_type 0 = cpu, 1 = cuda.
@@ -219,6 +259,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_probe_kernel", &fastlrp::cuda::probe_kernel, py::arg("device") = 0,
         "Launch a one-thread kernel on the device; True if it ran");
 #endif
+  m.def("elementwise_plan", &elementwise_plan, py::arg("N"), py::arg("C"), py::arg("S"), py::arg("views"),
+        py::arg("max_threads"), "The CUDA element-wise kernels' launch plan: (layout, 32-bit indices)");
+  m.def("elementwise_offsets", &elementwise_offsets, py::arg("layout"), py::arg("index32"), py::arg("C"),
+        py::arg("S"), py::arg("strides"), py::arg("indices"),
+        "Memory offsets of walk indices, as the CUDA kernels form them");
   py::register_exception<fl::TypeErrorException>(m, "KernelTypeError", PyExc_TypeError);
   m.def("stabilize_divide", &stabilize_divide, "s_g = c_g * mask_g * R / stab(z_g) for every group, one pass");
   m.def("combine", &combine, "R_in = sum_k m_k(x) * g_k, one pass");

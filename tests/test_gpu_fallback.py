@@ -223,3 +223,86 @@ def test_config_pruning_drops_spills_and_shared_memory_over_the_limit():
     # no clean config: the one that spills least among those that fit
     stats = {"a": (64, 100), "b": (8, 150), "c": (0, 300)}
     assert affine_lrp.choosable(list(stats), stats.get, 200) == ["b"]
+
+
+# ---------------------------------------------------------------- native CUDA element-wise kernels: launch plan
+
+FLAT, CHANNELS_LAST, CHANNELS_FIRST = 0, 1, 2
+needs_plan = pytest.mark.skipif(_native._C is None or not hasattr(_native._C, "elementwise_plan"),
+                                reason="fastlrp._C is not built")
+
+
+def _views(*tensors):
+    """(N, C, S) strides as fastlrp.ops hands them to the kernels (spatial dims collapsed)."""
+    from fastlrp.ops._views import collapse_spatial
+    out = []
+    for t in tensors:
+        v = collapse_spatial(t, "t")
+        out.append(tuple(v.stride()))
+    return out
+
+
+def _plan(x, *tensors, max_threads=1 << 20):
+    n, c = x.shape[:2]
+    s = x[0, 0].numel()
+    return tuple(_native._C.elementwise_plan(n, c, s, _views(x, *tensors), max_threads))
+
+
+@needs_plan
+def test_plan_walks_dense_tensors_flat_in_either_layout():
+    x = torch.empty(2, 3, 4, 5)
+    assert _plan(x, torch.empty_like(x)) == (FLAT, True)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert _plan(cl, torch.empty_like(cl)) == (FLAT, True)
+    # channels-last with a per-channel bound broadcast over the image: channel index fastest
+    bound = torch.empty(1, 3, 1, 1).expand(2, 3, 4, 5)
+    assert _plan(cl, torch.empty_like(cl), bound) == (CHANNELS_LAST, True)
+    # contiguous with the same bound, or mixed layouts led by a contiguous tensor: spatial index fastest
+    assert _plan(x, bound) == (CHANNELS_FIRST, True)
+    assert _plan(x, cl) == (CHANNELS_FIRST, True)
+
+
+@needs_plan
+def test_plan_uses_64_bit_indices_only_where_needed():
+    big = torch.empty(2 ** 31 // (64 * 56 * 56) + 1, 64, 56, 56, device="meta")
+    assert _plan(big) == (FLAT, False)
+    # under the limit, but the grid-stride loop's overshoot would wrap a 32-bit index
+    near = torch.empty(1, 1, 2 ** 31 - 1000, device="meta")
+    assert _plan(near, max_threads=1 << 20) == (FLAT, False)
+    assert _plan(torch.empty(1, 1, 2 ** 20, device="meta"), max_threads=1 << 20) == (FLAT, True)
+
+
+WALKS = {  # views, the plan's layout
+    "contiguous": (["c"], FLAT), "channels_last": (["cl"], FLAT),
+    "channels_last_with_contiguous": (["cl", "c"], CHANNELS_LAST),
+    "contiguous_with_channels_last": (["c", "cl"], CHANNELS_FIRST),
+}
+
+
+@needs_plan
+@pytest.mark.parametrize("walk", list(WALKS))
+@pytest.mark.parametrize("index32", [True, False])
+def test_every_walk_visits_each_element_once_and_lines_views_up(walk, index32):
+    """The host-side copy of the kernels' index math: for each plan layout, walk index i lands on the same
+    logical element (n, c, s) of every view, every element exactly once; channels-last walks are coalesced
+    (consecutive i, consecutive addresses within a pixel)."""
+    n, c, h, w = 2, 3, 4, 5
+    total = n * c * h * w
+    logical = torch.arange(total).reshape(n, c, h, w)
+    formats = {"c": torch.contiguous_format, "cl": torch.channels_last}
+    names, expected_layout = WALKS[walk]
+    views = [logical.contiguous(memory_format=formats[name]) for name in names]
+    plan_layout = _plan(views[0], *views[1:])[0]
+    assert plan_layout == expected_layout
+    seen = []
+    for t, strides in zip(views, _views(*views)):
+        offsets = _native._C.elementwise_offsets(plan_layout, index32, c, h * w, strides, list(range(total)))
+        assert len(set(offsets)) == total and min(offsets) == 0 and max(offsets) == total - 1
+        storage = torch.as_strided(t, (total,), (1,))  # the value stored at an offset is its logical index
+        seen.append(storage[torch.tensor(offsets)])
+    for other in seen[1:]:
+        assert torch.equal(seen[0], other)  # the same logical element in every view
+    if plan_layout == CHANNELS_LAST:  # one pixel's channels: consecutive addresses for consecutive threads
+        first = torch.tensor(_native._C.elementwise_offsets(plan_layout, index32, c, h * w, _views(views[0])[0],
+                                                            list(range(c))))
+        assert torch.equal(first.diff(), torch.ones(c - 1, dtype=torch.long))

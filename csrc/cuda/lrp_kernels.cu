@@ -7,7 +7,9 @@
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
+#include "elementwise_plan.h"
 #include "fastlrp/lrp_kernels.h"
 
 namespace fastlrp {
@@ -29,7 +31,8 @@ template <> __device__ inline void store<__nv_bfloat16, float>(__nv_bfloat16* p,
 
 template <typename A> __device__ inline A stabilized(A z, A eps) { return z + (z >= A(0) ? eps : -eps); }
 
-// A 3-D strided view (N, C, S) and the element at a flat index over N*C*S.
+// A 3-D strided view (N, C, S) and the element at walk index i of a launch plan (elementwise_plan.h):
+// Flat (offset i), channels-last (c fastest) or channels-first (s fastest), in I = int32_t or int64_t.
 template <typename T> struct V3 {
   T* data;
   int64_t n, c, s;  // strides
@@ -37,10 +40,30 @@ template <typename T> struct V3 {
 struct Shape3 {
   int64_t N, C, S;
 };
-template <typename T> __device__ inline T* at(const V3<T>& v, const Shape3& sh, int64_t i) {
-  const int64_t s = i % sh.S, rest = i / sh.S;
-  return v.data + (rest / sh.C) * v.n + (rest % sh.C) * v.c + s * v.s;
+template <plan::Layout L, typename I, typename T> __device__ inline T* at(const V3<T>& v, const Shape3& sh, I i) {
+  return v.data + plan::offset<L, I>(i, I(sh.C), I(sh.S), I(v.n), I(v.c), I(v.s));
 }
+template <typename T> plan::Strides3 strides3(const V3<T>& v) { return plan::Strides3{v.n, v.c, v.s}; }
+
+// Grid-stride loop over the walk in the plan's index type.
+#define FASTLRP_WALK(I, i, total)                                                          \
+  for (I i = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x); i < I(total); i += I(gridDim.x) * I(blockDim.x))
+
+// Launch KERNEL<T, layout, index> for the plan (6 instantiations per kernel and dtype).
+#define FASTLRP_LAUNCH_PLAN(pl, KERNEL, T, blocks, stream, params)                                         \
+  do {                                                                                                      \
+    using plan::Layout;                                                                                     \
+    if ((pl).layout == Layout::Flat) {                                                                      \
+      if ((pl).index32) KERNEL<T, Layout::Flat, int32_t><<<blocks, kThreads, 0, stream>>>(params);          \
+      else KERNEL<T, Layout::Flat, int64_t><<<blocks, kThreads, 0, stream>>>(params);                       \
+    } else if ((pl).layout == Layout::ChannelsLast) {                                                       \
+      if ((pl).index32) KERNEL<T, Layout::ChannelsLast, int32_t><<<blocks, kThreads, 0, stream>>>(params);  \
+      else KERNEL<T, Layout::ChannelsLast, int64_t><<<blocks, kThreads, 0, stream>>>(params);               \
+    } else {                                                                                                \
+      if ((pl).index32) KERNEL<T, Layout::ChannelsFirst, int32_t><<<blocks, kThreads, 0, stream>>>(params); \
+      else KERNEL<T, Layout::ChannelsFirst, int64_t><<<blocks, kThreads, 0, stream>>>(params);              \
+    }                                                                                                       \
+  } while (0)
 template <typename T> V3<T> v3(const View& v) {
   return V3<T>{static_cast<T*>(v.data), v.strides[0], v.strides[1], v.strides[2]};
 }
@@ -81,19 +104,19 @@ template <typename T> struct DivideParams {
   double eps;
 };
 
-template <typename T> __global__ void stabilize_divide_kernel(DivideParams<T> p) {
+template <typename T, plan::Layout L, typename I> __global__ void stabilize_divide_kernel(DivideParams<T> p) {
   using A = typename Acc<T>::type;
   const int64_t total = p.shape.N * p.shape.C * p.shape.S;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const A r = load(at(p.r, p.shape, i));
+  FASTLRP_WALK(I, i, total) {
+    const A r = load(at<L>(p.r, p.shape, i));
     for (int g = 0; g < p.groups; ++g) {
       A m = A(1);
       if (p.mask[g] != 0) {
-        const A y = load(at(p.y, p.shape, i));
+        const A y = load(at<L>(p.y, p.shape, i));
         m = p.mask[g] == 1 ? A(y > A(0)) : A(y < A(0));
       }
-      const A z = load(at(p.z[g], p.shape, i));
-      store(at(p.out[g], p.shape, i), A(p.coef[g]) * ((m * r) / stabilized(z, A(p.eps))));
+      const A z = load(at<L>(p.z[g], p.shape, i));
+      store(at<L>(p.out[g], p.shape, i), A(p.coef[g]) * ((m * r) / stabilized(z, A(p.eps))));
     }
   }
 }
@@ -105,11 +128,11 @@ template <typename T> struct CombineParams {
   Shape3 shape;
 };
 
-template <typename T> __global__ void combine_kernel(CombineParams<T> p) {
+template <typename T, plan::Layout L, typename I> __global__ void combine_kernel(CombineParams<T> p) {
   using A = typename Acc<T>::type;
   const int64_t total = p.shape.N * p.shape.C * p.shape.S;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const A x = load(at(p.x, p.shape, i));
+  FASTLRP_WALK(I, i, total) {
+    const A x = load(at<L>(p.x, p.shape, i));
     A acc = A(0);
     for (int k = 0; k < p.parts; ++k) {
       A m;
@@ -118,12 +141,12 @@ template <typename T> __global__ void combine_kernel(CombineParams<T> p) {
         case 1: m = x > A(0) ? x : A(0); break;
         case 2: m = x < A(0) ? x : A(0); break;
         case 3: m = A(1); break;
-        default: m = load(at(p.bound[k], p.shape, i));
+        default: m = load(at<L>(p.bound[k], p.shape, i));
       }
-      const A term = m * load(at(p.g[k], p.shape, i));
+      const A term = m * load(at<L>(p.g[k], p.shape, i));
       acc = k == 0 ? term : acc + term;
     }
-    store(at(p.out, p.shape, i), acc);
+    store(at<L>(p.out, p.shape, i), acc);
   }
 }
 
@@ -206,13 +229,13 @@ template <typename T> struct SumParams {
   double eps;
 };
 
-template <typename T> __global__ void sum_kernel(SumParams<T> p) {
+template <typename T, plan::Layout L, typename I> __global__ void sum_kernel(SumParams<T> p) {
   using A = typename Acc<T>::type;
   const int64_t total = p.shape.N * p.shape.C * p.shape.S;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const A ratio = load(at(p.r, p.shape, i)) / stabilized(load(at(p.y, p.shape, i)), A(p.eps));
+  FASTLRP_WALK(I, i, total) {
+    const A ratio = load(at<L>(p.r, p.shape, i)) / stabilized(load(at<L>(p.y, p.shape, i)), A(p.eps));
     for (int k = 0; k < p.parts; ++k)
-      store(at(p.out[k], p.shape, i), load(at(p.x[k], p.shape, i)) * (A(p.alpha[k]) * ratio));
+      store(at<L>(p.out[k], p.shape, i), load(at<L>(p.x[k], p.shape, i)) * (A(p.alpha[k]) * ratio));
   }
 }
 
@@ -239,8 +262,17 @@ template <typename T> void stabilize_divide_t(const StabilizeDivideArgs& a) {
   p.eps = a.epsilon;
   const int64_t total = p.shape.N * p.shape.C * p.shape.S;
   if (total == 0) return;
+  std::vector<plan::Strides3> views{strides3(p.r)};
+  if (a.y.data) views.push_back(strides3(p.y));
+  for (int g = 0; g < p.groups; ++g) {
+    views.push_back(strides3(p.z[g]));
+    views.push_back(strides3(p.out[g]));
+  }
+  const int blocks = blocks_for(total);
+  const plan::Plan pl = plan::choose(p.shape.N, p.shape.C, p.shape.S, views, int64_t(blocks) * kThreads);
   DeviceGuard guard(a.relevance.device_index);
-  stabilize_divide_kernel<T><<<blocks_for(total), kThreads, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(p);
+  const auto stream = reinterpret_cast<cudaStream_t>(a.stream);
+  FASTLRP_LAUNCH_PLAN(pl, stabilize_divide_kernel, T, blocks, stream, p);
   check_launch("stabilize_divide");
 }
 
@@ -258,8 +290,16 @@ template <typename T> void combine_t(const CombineArgs& a) {
   p.shape = shape3(a.x);
   const int64_t total = p.shape.N * p.shape.C * p.shape.S;
   if (total == 0) return;
+  std::vector<plan::Strides3> views{strides3(p.x), strides3(p.out)};
+  for (int k = 0; k < p.parts; ++k) {
+    views.push_back(strides3(p.g[k]));
+    if (a.modifier[k] == int(InputModifier::Tensor)) views.push_back(strides3(p.bound[k]));
+  }
+  const int blocks = blocks_for(total);
+  const plan::Plan pl = plan::choose(p.shape.N, p.shape.C, p.shape.S, views, int64_t(blocks) * kThreads);
   DeviceGuard guard(a.x.device_index);
-  combine_kernel<T><<<blocks_for(total), kThreads, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(p);
+  const auto stream = reinterpret_cast<cudaStream_t>(a.stream);
+  FASTLRP_LAUNCH_PLAN(pl, combine_kernel, T, blocks, stream, p);
   check_launch("combine");
 }
 
@@ -313,8 +353,16 @@ template <typename T> void sum_t(const SumArgs& a) {
   p.eps = a.epsilon;
   const int64_t total = p.shape.N * p.shape.C * p.shape.S;
   if (total == 0) return;
+  std::vector<plan::Strides3> views{strides3(p.r), strides3(p.y)};
+  for (int k = 0; k < p.parts; ++k) {
+    views.push_back(strides3(p.x[k]));
+    views.push_back(strides3(p.out[k]));
+  }
+  const int blocks = blocks_for(total);
+  const plan::Plan pl = plan::choose(p.shape.N, p.shape.C, p.shape.S, views, int64_t(blocks) * kThreads);
   DeviceGuard guard(a.relevance.device_index);
-  sum_kernel<T><<<blocks_for(total), kThreads, 0, reinterpret_cast<cudaStream_t>(a.stream)>>>(p);
+  const auto stream = reinterpret_cast<cudaStream_t>(a.stream);
+  FASTLRP_LAUNCH_PLAN(pl, sum_kernel, T, blocks, stream, p);
   check_launch("sum");
 }
 
