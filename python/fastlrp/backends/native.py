@@ -14,15 +14,17 @@ Parts that vanish because the layer's input is non-negative (after a ReLU, from 
 before the blocks are formed. Sample-free inputs (ones, the ZBox bounds) enter the forward pass through
 a batch-1 convolution broadcast over the batch.
 
-Grouped and depthwise convolutions (``groups`` = C > 1) keep their groups: a convolution group may only
-see its own input channels, so the block is formed per convolution group and the block convolution has
-the layer's ``groups``. Its input channels are then ordered (conv group, modifier, channel) and its
-output channels (conv group, rule group, channel); the kernels read the rule groups' z as strided views
-where that is one stride per channel (depthwise), and the few tensors whose order differs from what
-the next step needs (S with two rule groups, G with two modifiers) are permuted once (docs/native.md).
+Grouped and depthwise convolutions (``groups`` > 1) keep their groups: a conv group may only see its
+own input channels. The block convolution has one set of the layer's conv groups per input modifier
+(each of the layer's own shape, so a depthwise layer stays depthwise), whose outputs are summed over the
+modifiers; its output channels are ordered (conv group, rule group, channel). The kernels read each
+rule group's z as a strided view where one stride per channel fits (depthwise), and S with two rule
+groups is permuted once for the transposed convolution (docs/native.md).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
@@ -52,11 +54,12 @@ class BlockRule:
         if len(blocks) != len(form.parts):
             raise ValueError("a form has two parts for one (group, input); merge them (linear_form.merge_parts)")
         zero = torch.zeros_like(weight) if len(form.parts) < len(form.groups) * len(self.modifiers) else None
-        # Linear/conv weights are (out, in/groups, ...): rule groups stack along dim 0, modifiers along
-        # dim 1, inside each convolution group (_interleave is a plain stack for groups == 1).
         parts = [[blocks[(g, m)].weight.apply(weight) if (g, m) in blocks else zero for m in self.modifiers]
                  for g in range(len(form.groups))]
         self.weight = _block_weight(parts, self.conv_groups)  # Epsilon: the layer's own weight, no copy
+        # a grouped layer's block convolution has one set of conv groups per modifier (_block_weight)
+        self._grouped_ops = {} if self.conv_groups == 1 else {
+            k: replace(op, groups=op.groups * k) for k in range(1, len(self.modifiers) + 1)}
         self.sample_modifiers = [m for m in self.modifiers if m not in _SAMPLE_FREE]
         self.free_modifiers = [m for m in self.modifiers if m in _SAMPLE_FREE]
         self.weight_sample = self._columns(self.sample_modifiers, weight.shape[1])
@@ -74,31 +77,40 @@ class BlockRule:
         self._free_cache = {}
 
     def _columns(self, modifiers, c_in):
-        """The block's columns for these input modifiers (c_in: input channels per conv group)."""
+        """The block's weights for these input modifiers (c_in: the layer's weight's dim 1)."""
         if not modifiers:
             return None
         if modifiers == self.modifiers:
             return self.weight  # every column: the block itself, not a copy
-        w = self.weight.unflatten(1, (len(self.modifiers), c_in))
+        dim = 1 if self.conv_groups == 1 else 0  # modifiers along the inputs, or one conv group set each
+        w = self.weight.unflatten(dim, (len(self.modifiers), -1))
         index = torch.tensor([self.modifiers.index(m) for m in modifiers], device=w.device)
-        return w.index_select(1, index).flatten(1, 2).contiguous()
+        return w.index_select(dim, index).flatten(dim, dim + 1).contiguous()
 
     def _modified(self, name: str, x):
         # sample-free inputs (ones, bounds) are formed at batch size 1 and broadcast in z()
         return modified_input(name, x if name not in _SAMPLE_FREE else x[:1], self.form.bounds)
 
-    def _block_input(self, names, x):
-        """The modified inputs along channels, ordered (conv group, modifier, channel)."""
-        inputs = [self._modified(m, x) for m in names]
-        return inputs[0] if len(inputs) == 1 else _interleave(inputs, self.conv_groups, dim=1)
+    def _block_z(self, names, x, weight, bias):
+        """f(cat_m m(x); block) + bias for the modifiers ``names``. Grouped: one convolution with a set
+        of conv groups per modifier, whose outputs are summed over the modifiers."""
+        inputs = _cat([self._modified(m, x) for m in names], dim=1)
+        if self.conv_groups == 1 or len(names) == 1:
+            return self.op(inputs, weight, bias)
+        per_modifier = self._grouped_ops[len(names)](inputs, weight).chunk(len(names), dim=1)
+        z = per_modifier[0] + per_modifier[1]
+        for extra in per_modifier[2:]:
+            z += extra
+        return z if bias is None else z + bias.reshape(self.op.bias_shape(z.ndim))
 
     def z(self, x, output):
-        """Every z_g, stacked along channels (N, G*C_out, ...), ordered (conv group, rule group, channel)."""
+        """Every z_g, stacked along channels (N, G*C_out, ...); for a grouped layer ordered
+        (conv group, rule group, channel)."""
         if self.z_is_output:
             return output
         z = None
         if self.weight_sample is not None:
-            z = self.op(self._block_input(self.sample_modifiers, x), self.weight_sample, self.bias)
+            z = self._block_z(self.sample_modifiers, x, self.weight_sample, self.bias)
         if self.weight_free is not None:
             free = self._free_z(x)
             z = free.expand((x.shape[0],) + tuple(free.shape[1:])) if z is None else z + free
@@ -111,7 +123,7 @@ class BlockRule:
         free = self._free_cache.get(key)
         if free is None:
             bias = self.bias if self.weight_sample is None else None
-            free = self._free_cache[key] = self.op(self._block_input(self.free_modifiers, x), self.weight_free, bias)
+            free = self._free_cache[key] = self._block_z(self.free_modifiers, x, self.weight_free, bias)
         return free
 
     def relevance(self, x, z, output, relevance):
@@ -124,9 +136,11 @@ class BlockRule:
         if groups > 1 and rule_groups > 1:  # (rule group, conv group, channel) -> (conv group, rule group, ...)
             s = _interleave(list(s.chunk(rule_groups, dim=1)), groups, dim=1)
         m = len(self.modifiers)
-        g = transposed(self.op, s, self.weight, (x.shape[0], x.shape[1] * m) + tuple(x.shape[2:]))
-        if groups > 1 and m > 1:  # (conv group, modifier, channel) -> (modifier, conv group, channel)
-            g = torch.cat([_deinterleaved(g, m, k, groups) for k in range(m)], dim=1)
+        shape = (x.shape[0], x.shape[1] * m) + tuple(x.shape[2:])
+        if groups == 1 or m == 1:
+            g = transposed(self.op, s, self.weight, shape)
+        else:  # every modifier's conv groups read the same s
+            g = transposed(self._grouped_ops[m], torch.cat([s] * m, dim=1), self.weight, shape)
         bounds = [broadcast_bound(self.form.bounds[m], x, m) for m in self.modifiers if m in ("low", "high")]
         return ops.combine(x, g, [_CODES[m] for m in self.modifiers], bounds)
 
@@ -155,10 +169,19 @@ def _deinterleaved(t: torch.Tensor, count: int, index: int, groups: int) -> torc
 
 
 def _block_weight(parts: list, groups: int) -> torch.Tensor:
-    """parts[g][m]: the weight (out, in/groups, ...) of rule group g and input m. Modifiers sit side by
-    side along dim 1 (a weight's dim 1 is already local to its conv group); rule groups stack along
-    dim 0, inside each conv group."""
-    return _interleave([_cat(row, dim=1) for row in parts], groups, dim=0).contiguous()
+    """parts[g][m]: the weight (out, in/groups, ...) of rule group g and input m.
+
+    groups == 1: rule groups along the outputs (dim 0), modifiers along the inputs (dim 1).
+    A grouped layer: per modifier, the rule groups stacked inside each conv group (out channels
+    ordered (conv group, rule group, channel)), and the modifiers one after the other along dim 0:
+    a convolution with groups x modifiers conv groups, each of the layer's own shape. Interleaving
+    the modifiers inside each conv group instead (one convolution, modifiers summed by it) turned a
+    depthwise convolution into one with two inputs per group, which oneDNN ran 3-60x slower than two
+    depthwise ones (bench/grouped_layouts.py, docs/native.md)."""
+    if groups == 1:
+        return _cat([_cat(row, dim=1) for row in parts], dim=0).contiguous()
+    per_modifier = [_interleave([row[m] for row in parts], groups, dim=0) for m in range(len(parts[0]))]
+    return _cat(per_modifier, dim=0).contiguous()
 
 
 class BlockFunction(torch.autograd.Function):
