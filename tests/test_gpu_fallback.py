@@ -306,3 +306,29 @@ def test_every_walk_visits_each_element_once_and_lines_views_up(walk, index32):
         first = torch.tensor(_native._C.elementwise_offsets(plan_layout, index32, c, h * w, _views(views[0])[0],
                                                             list(range(c))))
         assert torch.equal(first.diff(), torch.ones(c - 1, dtype=torch.long))
+
+
+def test_run_time_pruning_reads_spills_and_shared_memory_of_each_configs_compile():
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+    from fastlrp.kernels import affine_lrp
+
+    class FakeJIT:
+        def __init__(self):
+            self.calls = []
+
+        def warmup(self, *args, grid, **kwargs):
+            self.calls.append((args, grid, kwargs))
+            if kwargs["BM"] == 64:
+                raise RuntimeError("out of resources: shared memory")
+            return SimpleNamespace(n_spills=kwargs["BM"] // 32 - 1, metadata=SimpleNamespace(shared=1024),
+                                   _init_handles=lambda: None)
+    triton = pytest.importorskip("triton")
+    jit = FakeJIT()
+    named, flags = {"x": 1, "N": 7}, {"NEED_Y": True}
+    big, mid, safe = (triton.Config({"BM": bm}, num_warps=4) for bm in (128, 64, 32))
+    assert affine_lrp._device_resources(jit, named, flags, big) == (12, 1024)  # 3 spilled words = 12 bytes
+    assert affine_lrp._device_resources(jit, named, flags, mid) is None
+    assert jit.calls[0][0] == (1, 7) and jit.calls[0][2]["NEED_Y"] and jit.calls[0][2]["BM"] == 128
+    stats = {c: affine_lrp._device_resources(jit, named, flags, c) for c in (big, mid, safe)}
+    assert affine_lrp.choosable([big, mid, safe], stats.get, 2048) == [safe]
