@@ -225,7 +225,7 @@ def report_md(result) -> str:
     for key, m in result["models"].items():
         seen = set()
         for layer in m["layers"]:
-            sig = (layer["kind"], layer["weight"][2:], layer["stride"], layer["rule"])
+            sig = (layer["kind"], layer["weight"][2:], layer["stride"], layer["rule"], layer["weight"][1] >= 16)
             if sig in seen:
                 continue
             seen.add(sig)
