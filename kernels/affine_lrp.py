@@ -80,8 +80,10 @@ def choosable(configs, resources, shared_limit: int):
 
 def _device_resources(jit, named_args, kwargs, config):
     """(spill bytes, shared bytes) of ``config`` compiled for the current device, None if it fails."""
+    # the autotuner hands the launch's own grid and warmup flag along with the kernel's constexprs
+    flags = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
     try:
-        compiled = jit.warmup(*named_args.values(), grid=(1,), **kwargs, **config.all_kwargs())
+        compiled = jit.warmup(*named_args.values(), grid=(1,), **flags, **config.all_kwargs())
         compiled._init_handles()  # loads the binary: the driver reports local (spill) bytes / 4
     except Exception:  # noqa: BLE001  (out of resources, a compile error: not a candidate)
         return None

@@ -325,10 +325,12 @@ def test_run_time_pruning_reads_spills_and_shared_memory_of_each_configs_compile
                                    _init_handles=lambda: None)
     triton = pytest.importorskip("triton")
     jit = FakeJIT()
-    named, flags = {"x": 1, "N": 7}, {"NEED_Y": True}
+    # as Autotuner.run passes them: the launch's grid and warmup flag next to the constexprs
+    named, flags = {"x": 1, "N": 7}, {"NEED_Y": True, "grid": (3, 1, 1), "warmup": False}
     big, mid, safe = (triton.Config({"BM": bm}, num_warps=4) for bm in (128, 64, 32))
     assert affine_lrp._device_resources(jit, named, flags, big) == (12, 1024)  # 3 spilled words = 12 bytes
     assert affine_lrp._device_resources(jit, named, flags, mid) is None
     assert jit.calls[0][0] == (1, 7) and jit.calls[0][2]["NEED_Y"] and jit.calls[0][2]["BM"] == 128
+    assert "warmup" not in jit.calls[0][2] and jit.calls[0][1] == (1,)
     stats = {c: affine_lrp._device_resources(jit, named, flags, c) for c in (big, mid, safe)}
     assert affine_lrp.choosable([big, mid, safe], stats.get, 2048) == [safe]
