@@ -200,3 +200,26 @@ def test_dense_relevance_pass_takes_the_fused_forwards_z(rule, nonnegative, pois
     got = BlockRule(op, block_form, w, b).relevance(x, z, y, R)
     expected = _oracle(rule, op, x.double(), w.double(), b.double(), R.double())
     assert relative_error(got, expected) < FLOAT32_RTOL * 10
+
+
+@pytest.mark.parametrize("rule", [rules.Epsilon(0.25), rules.ZPlus(), rules.Gamma(0.25)], ids=lambda r: type(r).__name__)
+def test_dense_relevance_pass_on_grouped_convs_where_z_layouts_agree(rule, poisoned):
+    """Native interleaves a grouped layer's rule groups per conv group; the dense pass takes the fused z only
+    where that is the same layout (one rule group), and the backend keeps the fused kernel elsewhere."""
+    from fastlrp import ops
+    from fastlrp.backends.native import BlockRule
+    from fastlrp.backends.triton import z_layouts_agree
+    op = AffineOp("conv", 2, (1, 1), (1, 1), (1, 1), 2)
+    form = rule.form()
+    if not z_layouts_agree(op, form):
+        assert len(form.groups) > 1
+        return
+    if not ops.native_supports(torch.device(DEVICE), torch.float32):
+        pytest.skip("the native kernels are not built here")
+    x, w, b = torch.randn(2, 4, 6, 5, device=DEVICE), torch.randn(6, 2, 3, 3, device=DEVICE), torch.randn(6, device=DEVICE)
+    kernel_rule = TritonLinearRule(op, form, w, b, False)
+    y, z = kernel_rule.forward(x)
+    R = torch.randn_like(y)
+    got = BlockRule(op, form, w, b).relevance(x, z, y, R)
+    expected = _oracle(rule, op, x.double(), w.double(), b.double(), R.double())
+    assert relative_error(got, expected) < FLOAT32_RTOL * 10

@@ -137,6 +137,13 @@ class TritonAffineFunction(torch.autograd.Function):
         return None, None, ctx.kernel_rule.relevance(x, z, y, relevance)  # any strides, also expanded ones
 
 
+def z_layouts_agree(op: AffineOp, form: LinearForm) -> bool:
+    """Whether the fused forward kernel's z (rule group g at channels g*O .. (g+1)*O) is the native block's
+    z: always for one rule group; for several only without conv groups (native interleaves them per conv
+    group there, so a grouped Gamma or AlphaBeta layer keeps the fused relevance kernel)."""
+    return len(form.groups) == 1 or op.kind != "conv" or op.groups == 1
+
+
 def relevance_mode() -> str:
     """``FASTLRP_TRITON_RELEVANCE``: ``dense`` (default: on CUDA, the relevance pass as element-wise kernels
     around a cuDNN/cuBLAS transposed convolution wherever the native path takes the layer) or ``fused``
@@ -200,6 +207,8 @@ class TritonBackend(Backend):
         which bounds it by instruction issue, not the tensor cores (docs/gpu.md, "Static performance model");
         the dense pass does that work once per element."""
         if inputs[0].device.type != "cuda" or relevance_mode() != "dense" or not self.fallback.supports(layer, inputs):
+            return None
+        if not z_layouts_agree(layer.op, layer.form(merge_positive=False)):
             return None
         return self.fallback.block(layer)
 
