@@ -202,7 +202,8 @@ def test_dense_relevance_pass_takes_the_fused_forwards_z(rule, nonnegative, pois
     assert relative_error(got, expected) < FLOAT32_RTOL * 10
 
 
-@pytest.mark.parametrize("rule", [rules.Epsilon(0.25), rules.ZPlus(), rules.Gamma(0.25)], ids=lambda r: type(r).__name__)
+@pytest.mark.parametrize("rule", [rules.Epsilon(0.25), rules.ZPlus(), rules.Gamma(0.25)],
+                         ids=lambda r: type(r).__name__)
 def test_dense_relevance_pass_on_grouped_convs_where_z_layouts_agree(rule, poisoned):
     """Native interleaves a grouped layer's rule groups per conv group; the dense pass takes the fused z only
     where that is the same layout (one rule group), and the backend keeps the fused kernel elsewhere."""
@@ -216,7 +217,8 @@ def test_dense_relevance_pass_on_grouped_convs_where_z_layouts_agree(rule, poiso
         return
     if not ops.native_supports(torch.device(DEVICE), torch.float32):
         pytest.skip("the native kernels are not built here")
-    x, w, b = torch.randn(2, 4, 6, 5, device=DEVICE), torch.randn(6, 2, 3, 3, device=DEVICE), torch.randn(6, device=DEVICE)
+    x, w = torch.randn(2, 4, 6, 5, device=DEVICE), torch.randn(6, 2, 3, 3, device=DEVICE)
+    b = torch.randn(6, device=DEVICE)
     kernel_rule = TritonLinearRule(op, form, w, b, False)
     y, z = kernel_rule.forward(x)
     R = torch.randn_like(y)
