@@ -107,7 +107,7 @@ def test_exclude_parallel_keeps_only_the_relevance_through_a_branch():
 
 def test_neuron_groups_as_conditions_split_the_heatmap(x):
     model = small_cnn()
-    groups = neuron_groups(model, x, "6", groups=3, target=1)
+    groups = neuron_groups(model, x, "6", groups=3, target=1, iterations=25)
     explainer = fastlrp.LRP(model)
     result = conditional_heatmaps(explainer, x, group_conditions(groups, target=1))
     torch.testing.assert_close(result.relevance.sum(1), explainer(x, 1), rtol=0, atol=1e-13)

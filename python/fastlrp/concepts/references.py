@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..analysis.storage import HeatmapStore
+from .._common.targets import class_indices
 from .._common.validate import check_tensor, positive_int
 from .conditions import Condition
 from .heatmaps import conditional_heatmaps, explainer_for
@@ -109,7 +110,7 @@ def score_dataset(model, data, layer: str, path, target=None, *, batch_size: int
             scores = torch.stack([shares(channel_relevance(relevance)),
                                   activation.flatten(2).amax(2) if activation.ndim > 2 else activation], 1)
             output = result.output.reshape(result.output.shape[0], -1)
-            explained = result.start.reshape(output.shape[0], -1).abs().argmax(1)
+            explained = class_indices(output, t)
             store.append(scores.float(), index=index, predictions=output.argmax(1), targets=explained)
     if world > 1:
         import torch.distributed as dist
