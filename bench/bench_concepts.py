@@ -11,8 +11,8 @@ weights), in one run on one machine:
 
 The conditions are channels 0..K-1 of layer4's output for the predicted class. Each row runs once
 after a warm-up call with one condition (building the explainer's caches); the ratios are taken in
-this one run. The largest difference between fastlrp's and zennit-crp's heatmaps is recorded as a
-sanity check (the canonizers differ in how they treat residual sums, so it is not zero here).
+this one run. The largest difference between fastlrp's and zennit-crp's heatmaps, relative to
+zennit-crp's largest value, is recorded as a sanity check (float32, so not zero).
 """
 import argparse
 import json
