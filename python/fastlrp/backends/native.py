@@ -15,16 +15,14 @@ before the blocks are formed. Sample-free inputs (ones, the ZBox bounds) enter t
 a batch-1 convolution broadcast over the batch.
 
 Grouped and depthwise convolutions (``groups`` > 1) keep their groups: a conv group may only see its
-own input channels. The block convolution has one set of the layer's conv groups per input modifier
-(each of the layer's own shape, so a depthwise layer stays depthwise), whose outputs are summed over the
-modifiers; its output channels are ordered (conv group, rule group, channel). The kernels read each
+own input channels. Each input modifier gets one convolution of the layer's own geometry (a depthwise
+layer stays depthwise), stacking the rule groups inside each conv group; the modifiers' outputs are
+summed, so z's channels are ordered (conv group, rule group, channel). The kernels read each
 rule group's z as a strided view where one stride per channel fits (depthwise), and S with two rule
 groups is permuted once for the transposed convolution (docs/native.md).
 """
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 import torch
 
@@ -57,9 +55,6 @@ class BlockRule:
         parts = [[blocks[(g, m)].weight.apply(weight) if (g, m) in blocks else zero for m in self.modifiers]
                  for g in range(len(form.groups))]
         self.weight = _block_weight(parts, self.conv_groups)  # Epsilon: the layer's own weight, no copy
-        # a grouped layer's block convolution has one set of conv groups per modifier (_block_weight)
-        self._grouped_ops = {} if self.conv_groups == 1 else {
-            k: replace(op, groups=op.groups * k) for k in range(1, len(self.modifiers) + 1)}
         self.sample_modifiers = [m for m in self.modifiers if m not in _SAMPLE_FREE]
         self.free_modifiers = [m for m in self.modifiers if m in _SAMPLE_FREE]
         self.weight_sample = self._columns(self.sample_modifiers, weight.shape[1])
@@ -92,16 +87,15 @@ class BlockRule:
         return modified_input(name, x if name not in _SAMPLE_FREE else x[:1], self.form.bounds)
 
     def _block_z(self, names, x, weight, bias):
-        """f(cat_m m(x); block) + bias for the modifiers ``names``. Grouped: one convolution with a set
-        of conv groups per modifier, whose outputs are summed over the modifiers."""
-        inputs = _cat([self._modified(m, x) for m in names], dim=1)
+        """f(cat_m m(x); block) + bias for the modifiers ``names``. Grouped: one convolution of the
+        layer's own geometry per modifier (its block of rows), summed."""
         if self.conv_groups == 1 or len(names) == 1:
-            return self.op(inputs, weight, bias)
-        per_modifier = self._grouped_ops[len(names)](inputs, weight).chunk(len(names), dim=1)
-        z = per_modifier[0] + per_modifier[1]
-        for extra in per_modifier[2:]:
-            z += extra
-        return z if bias is None else z + bias.reshape(self.op.bias_shape(z.ndim))
+            return self.op(_cat([self._modified(m, x) for m in names], dim=1), weight, bias)
+        z = None
+        for name, rows in zip(names, weight.chunk(len(names), dim=0)):
+            term = self.op(self._modified(name, x), rows)
+            z = term if z is None else z.add_(term)
+        return z if bias is None else z.add_(bias.reshape(self.op.bias_shape(z.ndim)))
 
     def z(self, x, output):
         """Every z_g, stacked along channels (N, G*C_out, ...); for a grouped layer ordered
@@ -139,8 +133,8 @@ class BlockRule:
         shape = (x.shape[0], x.shape[1] * m) + tuple(x.shape[2:])
         if groups == 1 or m == 1:
             g = transposed(self.op, s, self.weight, shape)
-        else:  # every modifier's conv groups read the same s
-            g = transposed(self._grouped_ops[m], torch.cat([s] * m, dim=1), self.weight, shape)
+        else:  # one transposed convolution per modifier, all of the same s
+            g = torch.cat([transposed(self.op, s, rows, x.shape) for rows in self.weight.chunk(m, dim=0)], dim=1)
         bounds = [broadcast_bound(self.form.bounds[m], x, m) for m in self.modifiers if m in ("low", "high")]
         return ops.combine(x, g, [_CODES[m] for m in self.modifiers], bounds)
 
@@ -173,11 +167,11 @@ def _block_weight(parts: list, groups: int) -> torch.Tensor:
 
     groups == 1: rule groups along the outputs (dim 0), modifiers along the inputs (dim 1).
     A grouped layer: per modifier, the rule groups stacked inside each conv group (out channels
-    ordered (conv group, rule group, channel)), and the modifiers one after the other along dim 0:
-    a convolution with groups x modifiers conv groups, each of the layer's own shape. Interleaving
-    the modifiers inside each conv group instead (one convolution, modifiers summed by it) turned a
-    depthwise convolution into one with two inputs per group, which oneDNN ran 3-60x slower than two
-    depthwise ones (bench/grouped_layouts.py, docs/native.md)."""
+    ordered (conv group, rule group, channel)), the modifiers' blocks one after the other along dim 0;
+    each block is one convolution of the layer's own geometry (a depthwise layer stays depthwise).
+    Interleaving the modifiers inside each conv group instead (one convolution that sums them) made a
+    depthwise convolution one with two inputs per group, which oneDNN ran 2-6x slower than one
+    convolution per part (bench/grouped_layouts.py, docs/native.md)."""
     if groups == 1:
         return _cat([_cat(row, dim=1) for row in parts], dim=0).contiguous()
     per_modifier = [_interleave([row[m] for row in parts], groups, dim=0) for m in range(len(parts[0]))]
