@@ -26,7 +26,7 @@ from .._common.targets import starting_relevance
 from .._common.validate import check_tensor
 from ..engine import LRP
 from ..engine.batching import is_out_of_memory
-from .conditions import Condition, as_condition
+from .conditions import as_condition
 
 DEFAULT_ENTRIES = 32  # batch entries (samples x conditions) per pass on the CPU; halved on out-of-memory
 
