@@ -20,7 +20,7 @@ def _rows(bench_file: Path) -> list:
         rows.append({
             "model": r["model"], "composite": r["composite"], "provider": r["provider"], "dtype": r["dtype"],
             "batch": r["batch"], "size": r["size"], "status": r["status"], "median_ms": ms,
-            "img_per_s": None if not ms else round(r["batch"] * 1e3 / ms, 1),
+            "img_per_s": None if not ms else round(r["batch"] * 1e3 / ms, 3),
             "x_gradient": r.get("ratio_to_grad"), "x_zennit": r.get("ratio_to_zennit"),
             "peak_mem_mb": r.get("peak_mem_mb"), "rel_err_vs_zennit": r.get("rel_err_vs_zennit"),
             "note": r.get("note", ""),
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         return 2
     report = build(Path(argv[0]))
     Path(argv[1]).write_text(json.dumps(report, indent=1, default=str) + "\n")
-    ok_rows = [r for r in report["bench"] if r["img_per_s"]]
+    ok_rows = [r for r in report["bench"] if r["img_per_s"] is not None]
     print(f"{'model':10} {'dtype':9} {'composite':18} {'provider':18} {'img/s':>9} {'x grad':>7} {'peak MB':>9}")
     for r in ok_rows:
         print(f"{r['model']:10} {r['dtype']:9} {r['composite']:18} {r['provider']:18} {r['img_per_s']:9.1f} "
