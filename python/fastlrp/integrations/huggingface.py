@@ -6,6 +6,9 @@ code slices and branches on shapes, which torch.fx cannot trace symbolically. Th
 trace the model for one example (``concrete_trace``: shapes and the attention mask fixed to it) into
 a module that takes a float tensor and returns logits:
 
+Layers of ``transformers``' own classes that compute what a torch layer computes (LLaMA's RMS norm,
+GPT-2's ``Conv1D``) stand in the traced module as that torch layer, sharing the parameters.
+
 - ``embedding_model(model, input_ids)``: input ``inputs_embeds`` [N, L, D] (the word embeddings;
   position and token-type embeddings are added inside, as in the model), output the classification
   logits [N, C] for ``*ForSequenceClassification`` models, or the next-token logits at the last
@@ -85,21 +88,52 @@ class _FromPixels(nn.Module):
 
 
 def _standard_layer(module: nn.Module):
-    """torch's own layer for a ``transformers`` layer that computes the same function: the RMS norms
-    of LLaMA-style models (``LlamaRMSNorm``: x / sqrt(mean(x^2) + eps) * weight) as ``nn.RMSNorm``
-    sharing the weight, so that the composite's normalization rule applies. Accepted only where
-    both give the same output on a random input (Gemma's norm, with (1 + weight), is left alone)."""
+    """torch's own layer for a ``transformers`` layer that computes the same function from the same
+    parameters, so that the composite's rule for it applies; None for any other module.
+
+    - RMS norms of LLaMA-style models (``LlamaRMSNorm``: x / sqrt(mean(x^2) + eps) * weight): ``nn.RMSNorm``
+      with the same weight;
+    - GPT-2's ``Conv1D`` (x @ W + b, W stored [in, out]): ``nn.Linear`` whose weight is W transposed,
+      a view of the same memory (in-place weight updates are seen);
+    - activation classes (``NewGELUActivation``, ``GELUActivation``, ...): the torch activation that
+      gives the same values.
+
+    Accepted only where both give the same output on a random input (Gemma's norm, with (1 + weight),
+    is left alone)."""
     weight = getattr(module, "weight", None)
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    if not (type(module).__name__.endswith("RMSNorm") and isinstance(weight, nn.Parameter) and weight.ndim == 1
-            and isinstance(eps, float) and not isinstance(module, nn.RMSNorm)):
+    if weight is None and not any(True for _ in module.parameters()) and "Activation" in type(module).__name__:
+        return _standard_activation(module)
+    if not isinstance(weight, nn.Parameter) or isinstance(module, (nn.RMSNorm, nn.Linear)):
         return None
-    norm = nn.RMSNorm(weight.shape[0], eps=eps, device=weight.device, dtype=weight.dtype)
-    norm.weight = weight  # the same parameter: updates to the model are seen
+    kind = type(module).__name__
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if kind.endswith("RMSNorm") and weight.ndim == 1 and isinstance(eps, float):
+        standard = nn.RMSNorm(weight.shape[0], eps=eps, device=weight.device, dtype=weight.dtype)
+        standard.weight = weight  # the same parameter
+    elif kind == "Conv1D" and weight.ndim == 2:
+        standard = nn.Linear(weight.shape[0], weight.shape[1], bias=getattr(module, "bias", None) is not None,
+                             device="meta")
+        standard.weight = nn.Parameter(weight.t(), requires_grad=weight.requires_grad)  # shares memory
+        if standard.bias is not None:
+            standard.bias = module.bias
+    else:
+        return None
     probe = torch.randn(2, 3, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight)
     with torch.no_grad():
-        same = torch.allclose(norm(probe), module(probe), rtol=1e-5, atol=1e-6)
-    return norm if same else None
+        same = torch.allclose(standard(probe), module(probe), rtol=1e-5, atol=1e-6)
+    return standard if same else None
+
+
+def _standard_activation(module: nn.Module):
+    """torch's activation module computing what a ``transformers`` activation class computes
+    (``NewGELUActivation`` is GELU's tanh approximation, ``GELUActivation`` GELU), checked on a probe."""
+    probe = torch.linspace(-6.0, 6.0, 97, dtype=torch.float64)
+    with torch.no_grad():
+        expected = module(probe)
+        for candidate in (nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.ReLU(), nn.Tanh(), nn.Sigmoid()):
+            if torch.allclose(candidate(probe), expected, rtol=1e-12, atol=1e-12):
+                return candidate
+    return None
 
 
 def embedding_model(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
