@@ -52,13 +52,16 @@ class RuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layer, backend, *inputs):
         ctx.layer, ctx.backend = layer, backend
-        ctx.save_for_backward(*(inputs if layer.saves_inputs else ()))
-        ctx.shapes = [t.shape for t in inputs]
+        saved = inputs if layer.saves_inputs else ()
+        ctx.save_for_backward(*(t if isinstance(t, torch.Tensor) else None for t in saved))
+        ctx.numbers = [None if isinstance(t, torch.Tensor) else t for t in saved]  # inputs read from shapes
+        ctx.shapes = [getattr(t, "shape", None) for t in inputs]  # None: a number (a scale read from a shape)
         return layer.compute(*inputs)
 
     @staticmethod
     def backward(ctx, relevance):
-        return (None, None, *ctx.backend.relevance(ctx.layer, ctx.saved_tensors, ctx.shapes, relevance))
+        saved = tuple(n if t is None else t for t, n in zip(ctx.saved_tensors, ctx.numbers))
+        return (None, None, *ctx.backend.relevance(ctx.layer, saved, ctx.shapes, relevance))
 
 
 class ReferenceBackend(Backend):

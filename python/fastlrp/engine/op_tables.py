@@ -37,7 +37,28 @@ STRUCTURAL = {
     "size", "dim", "view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
     "chunk", "split", "expand", "expand_as", "clone", "to", "type_as", "float", "double", "half", "bfloat16",
     "view_as", "reshape_as", "narrow", "unbind", "movedim", "swapaxes", "__getitem__",
+    # splits, selections, reorders and copies (issue 14): relevance goes back to where each value came from
+    torch.roll, "roll", torch.swapaxes, torch.swapdims, "swapdims", torch.tensor_split, "tensor_split",
+    torch.unbind, torch.repeat_interleave, "repeat_interleave", "repeat", torch.movedim, torch.flip, "flip",
+    torch.where, torch.masked_fill, "masked_fill", "split_with_sizes", torch.index_select, "index_select",
+    torch.gather, "gather", torch.unflatten, "unflatten", "select", "t", torch.t, torch.zeros_like, torch.ones_like,
+    "new_zeros", "new_ones", "new_full", "new_empty", "detach", "requires_grad_", "float", "cpu",
 }
+
+# torch.fx-wrapped helpers (torchvision) that only pad, select or reshape.
+STRUCTURAL_HELPERS = {"_patch_merging_pad", "_unsqueeze", "_squeeze"}
+
+# Reads of a tensor's metadata: their results (and arithmetic on them) are Python values, not tensors.
+SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_cuda", "layout"}
+SHAPE_METHODS = {"size", "dim", "numel", "nelement", "get_device", "stride"}
+
+# Transformer ops (AttnLRP).
+DIV = {operator.truediv, operator.itruediv, torch.div, torch.true_divide, "div", "div_", "true_divide", "__truediv__"}
+NEG = {operator.neg, torch.neg, "neg"}
+MATMUL = {operator.matmul, torch.matmul, "matmul", torch.bmm, "bmm", torch.einsum, "__matmul__", F.linear}
+SOFTMAX = {F.softmax, torch.softmax, "softmax"}
+NORMALIZATIONS = {F.layer_norm, F.rms_norm, F.normalize}
+ATTENTION_FUNCTIONS = {F.scaled_dot_product_attention}
 
 
 # Functions (wrapped for fx by torchvision) that are the identity in eval mode.
@@ -48,4 +69,5 @@ GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, "sigmoid"}
 
 # Plain graph nodes (not replaced by a layer) that keep a non-negative input non-negative.
 # (Padding may fill with a negative value and bicubic resampling overshoots: left out.)
-SIGN_KEEPING = STRUCTURAL - {getattr, "size", "dim", operator.floordiv, torch._assert, F.pad, F.interpolate}
+SIGN_KEEPING = STRUCTURAL - {getattr, "size", "dim", operator.floordiv, torch._assert, F.pad, F.interpolate, torch.where,
+                             torch.masked_fill, "masked_fill", "new_full", "new_empty"}

@@ -354,3 +354,90 @@ def batchnorm_forward(bn: nn.Module) -> Callable:
         weight, bias = _detached_params(bn, ("weight", "bias"))
         return F.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, False, 0.0, bn.eps)
     return forward
+
+
+class SoftmaxLayer(RelevanceLayer):
+    """A softmax over ``dim``: AttnLRP's softmax rule (reference.softmax_relevance)."""
+
+    kind = "softmax"
+
+    def __init__(self, site: str, rule: Rule, fn: Callable, dim: int):
+        super().__init__(site, rule)
+        self.fn, self.dim = fn, dim
+
+    def compute(self, x):
+        return self.fn(x)
+
+    def reference_relevance(self, saved, shapes, relevance):
+        (x,) = saved
+        return (reference.softmax_relevance(x, self.fn(x), relevance, self.dim),)
+
+
+class BilinearLayer(RelevanceLayer):
+    """A product of tensors (``a * b``, ``a @ b``, ``bmm``, ``einsum``): the uniform rule among the
+    operands that carry relevance; under CP-LRP (``rule.hold_attention``) an operand computed by a
+    softmax (``attention``, from the graph) is held constant and gets none."""
+
+    kind = "bilinear"
+
+    def __init__(self, site: str, rule: Rule, fn: Callable, carrying: tuple, attention: tuple):
+        super().__init__(site, rule)
+        self.fn = fn
+        held = attention if getattr(rule, "hold_attention", False) else (False,) * len(carrying)
+        self.receives = tuple(c and not h for c, h in zip(carrying, held))
+
+    def compute(self, *inputs):
+        return self.fn(*inputs)
+
+    def reference_relevance(self, saved, shapes, relevance):
+        return tuple(reference.uniform_relevance(self.fn, saved, self.receives, relevance, self.rule.stabilizer))
+
+
+class BlockLayer(RelevanceLayer):
+    """A block explained as one node: a layer norm (rule LayerNormIdentity), an attention module or a
+    function the trace keeps whole (rule AttnLRP). Its rule is reference.block_relevance: the block's
+    gradient under AttnLRP's gradient forms, times its input. ``carrying`` says which inputs carry
+    relevance (the others are weights, masks, shapes). ``returns_pair``: the block answers (output,
+    None), as nn.MultiheadAttention does with need_weights=False."""
+
+    kind = "block"
+
+    def __init__(self, site: str, rule: Rule, fn: Callable, carrying: tuple, returns_pair: bool = False):
+        super().__init__(site, rule)
+        self.fn, self.carrying, self.returns_pair = fn, tuple(carrying), returns_pair
+
+    def forward(self, *inputs):
+        output = super().forward(*inputs)
+        return (output, None) if self.returns_pair else output
+
+    def compute(self, *inputs):
+        # a copy of what carries relevance: blocks may write into their inputs (MViT's _add_rel_pos)
+        output = self.fn(*(t.clone() if c else t for t, c in zip(inputs, self.carrying)))
+        return output[0] if self.returns_pair else output
+
+    def reference_relevance(self, saved, shapes, relevance):
+        def block(*inputs):
+            output = self.fn(*inputs)
+            return output[0] if self.returns_pair else output
+        return tuple(reference.block_relevance(block, saved, self.carrying, relevance, self.rule.stabilizer,
+                                               getattr(self.rule, "hold_attention", False)))
+
+
+class ScaleLayer(RelevanceLayer):
+    """``x * c`` or ``x / c`` with c a number or a constant: relevance passes unchanged (Pass: the
+    Epsilon rule of a diagonal linear map)."""
+
+    kind = "scale"
+    saves_inputs = False
+
+    def __init__(self, site: str, rule: Rule, fn: Callable, value_index: int = 0):
+        super().__init__(site, rule)
+        self.fn, self.value_index = fn, value_index
+
+    def compute(self, *inputs):
+        return self.fn(*inputs)
+
+    def reference_relevance(self, saved, shapes, relevance):
+        out = [None] * len(shapes)
+        out[self.value_index] = relevance.sum_to_size(shapes[self.value_index])
+        return tuple(out)
