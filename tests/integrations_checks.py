@@ -7,7 +7,6 @@ reference backend's relevance, and where the rules conserve, the relevance sums 
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
@@ -59,30 +58,3 @@ def assert_backends_agree(model: nn.Module, x: torch.Tensor, target, rtol: float
     torch.testing.assert_close(native.relevance, reference.relevance, rtol=rtol, atol=rtol * scale)
     return native
 
-
-class _TransformerOpsProbe(nn.Module):
-    """What transformer models need from the engine beyond CNNs: a layer-norm rule and shape arithmetic
-    (``x.ndim``, size comparisons) kept out of the relevance graph."""
-
-    def __init__(self):
-        super().__init__()
-        self.linear, self.norm = nn.Linear(4, 4), nn.LayerNorm(4)
-
-    def forward(self, x):
-        torch._assert(x.shape[-1] == 4, "width")
-        y = self.norm(self.linear(x))
-        return y.view([y.shape[0]] + [4] * (y.ndim - 1))
-
-
-def _transformer_ops_missing() -> str | None:
-    try:
-        fastlrp.LRP(_TransformerOpsProbe())
-    except fastlrp.UnsupportedLayerError as err:
-        return str(err).split(". ")[0]
-    return None
-
-
-_MISSING = _transformer_ops_missing()
-needs_transformer_ops = pytest.mark.skipif(
-    _MISSING is not None, reason=f"the engine lacks the transformer ops (layer norms, shape arithmetic): {_MISSING}")
-"""For tests of models with layer norms or shape arithmetic in forward: they run once the engine has them."""

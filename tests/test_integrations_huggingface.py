@@ -10,7 +10,7 @@ from torch import nn
 
 import fastlrp
 from fastlrp.integrations.concrete_trace import concrete_trace
-from integrations_checks import assert_backends_agree, assert_unchanged, needs_transformer_ops, snapshot
+from integrations_checks import assert_backends_agree, assert_unchanged, snapshot
 
 transformers = pytest.importorskip("transformers")
 from fastlrp.integrations import huggingface as hf  # noqa: E402
@@ -52,7 +52,6 @@ IDS = torch.tensor([[5, 17, 3, 42, 8, 23]])
 LANGUAGE_MODELS = {"bert": _bert, "gpt2": _gpt2, "llama": _llama}
 
 
-@needs_transformer_ops
 @pytest.mark.parametrize("name", list(LANGUAGE_MODELS))
 def test_language_model_from_embeddings(name):
     model = LANGUAGE_MODELS[name]()
@@ -72,7 +71,6 @@ def test_language_model_from_embeddings(name):
     assert_unchanged(model, before)
 
 
-@needs_transformer_ops
 def test_decoder_conserves_without_biases():
     """CP-LRP (attention weights held constant) with the biases zeroed and 1e-12 stabilizers and norm eps:
     LLaMA's relevance at the embeddings sums to the next-token logit (measured 2.7e-10 relative)."""
@@ -83,7 +81,6 @@ def test_decoder_conserves_without_biases():
     torch.testing.assert_close(result.relevance.sum(), result.start.sum(), rtol=1e-7, atol=0)
 
 
-@needs_transformer_ops
 def test_bert_conserves_down_to_the_embedding_sum():
     """BERT adds constant position and token-type embeddings to the word embeddings; that sum's Norm rule
     gives the constants their share, so conservation is checked where the three are summed (measured
@@ -101,7 +98,6 @@ def test_bert_conserves_down_to_the_embedding_sum():
     assert not torch.isclose(result.relevance.sum(), result.start.sum(), rtol=1e-3)  # the constants' share
 
 
-@needs_transformer_ops
 def test_attention_mask_is_fixed_into_the_module():
     model = _bert()
     mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
@@ -116,7 +112,6 @@ def test_attention_mask_is_fixed_into_the_module():
     assert relevance[0, 4:].abs().max() <= 1e-12 * relevance.abs().max()
 
 
-@needs_transformer_ops
 def test_vit_image_classifier():
     torch.manual_seed(3)
     config = transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=2,

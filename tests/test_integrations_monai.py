@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 import fastlrp
-from integrations_checks import (assert_backends_agree, assert_conserves, assert_unchanged, epsilon_composite,
-                                 needs_transformer_ops, snapshot)
+from integrations_checks import assert_backends_agree, assert_conserves, assert_unchanged, epsilon_composite, snapshot
 
 nets = pytest.importorskip("monai.networks.nets")
 SEResNetBottleneck = pytest.importorskip("monai.networks.nets.senet").SEResNetBottleneck
@@ -71,7 +70,6 @@ def test_densenet121_3d():
     assert_unchanged(model, before)
 
 
-@needs_transformer_ops  # MONAI's SE block reshapes with x.ndim
 def test_seresnet50_3d():
     """The squeeze-and-excitation gate is held constant, relevance passes to the features. The smallest
     volume whose last stage is larger than one voxel: with 1x1x1 features gate and value have the same

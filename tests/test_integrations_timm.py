@@ -10,14 +10,13 @@ import torch
 import fastlrp
 from fastlrp.integrations import one_input
 from fastlrp.integrations.timm import prepare
-from integrations_checks import (assert_backends_agree, assert_conserves, assert_unchanged, epsilon_composite,
-                                 needs_transformer_ops, snapshot)
+from integrations_checks import assert_backends_agree, assert_conserves, assert_unchanged, epsilon_composite, snapshot
 
 timm = pytest.importorskip("timm")
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-CNNS = ["resnet18", "resnet26", "efficientnet_b0", pytest.param("convnext_atto", marks=needs_transformer_ops)]
+CNNS = ["resnet18", "resnet26", "efficientnet_b0", "convnext_atto"]
 TRANSFORMERS = {"vit_tiny_patch16_224": {"img_size": 32, "patch_size": 8},
                 "deit_tiny_patch16_224": {"img_size": 32, "patch_size": 8},
                 "swin_tiny_patch4_window7_224": {"img_size": 32, "window_size": 2}}
@@ -60,7 +59,6 @@ def test_timm_cnn(name):
     assert_unchanged(model, before)
 
 
-@needs_transformer_ops
 @pytest.mark.parametrize("name", list(TRANSFORMERS))
 def test_timm_transformer(name):
     """timm's VisionTransformer.forward takes optional arguments (attn_mask): ``one_input`` gives fastlrp
@@ -76,7 +74,6 @@ def test_timm_transformer(name):
     assert_unchanged(model, before)
 
 
-@needs_transformer_ops
 @pytest.mark.parametrize("name", list(TRANSFORMERS))
 def test_timm_transformer_conserves_without_biases(name):
     """CP-LRP (attention weights held constant) on a bias-free model with 1e-12 stabilizers conserves
