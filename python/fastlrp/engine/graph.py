@@ -387,6 +387,9 @@ def _mark_gates(gm: fx.GraphModule) -> None:
         if (node.op == "call_module" and isinstance(gm.get_submodule(node.target), GATE_MODULES)) or \
                 (node.op in ("call_function", "call_method") and node.target in GATE_FUNCTIONS):
             node.meta["fastlrp_gate"] = True
+        elif node.op in ("call_function", "call_method") and node.target in STRUCTURAL and node.args and \
+                isinstance(node.args[0], fx.Node) and node.args[0].meta.get("fastlrp_gate"):
+            node.meta["fastlrp_gate"] = True  # a reshaped gate (MONAI's SE blocks: fc(y).view(b, c, 1, 1, 1))
 
 
 def _batchnorm_folds(gm: fx.GraphModule) -> dict:
