@@ -156,3 +156,15 @@ def test_concrete_trace_fixes_shapes_and_refuses_input_branches():
     torch.testing.assert_close(traced(x), _BranchOnShape()(x))
     with pytest.raises(TypeError, match="branches on a value computed from its input"):
         concrete_trace(_BranchOnInput(), x)
+
+
+def test_traced_module_sees_weight_updates():
+    """The traced module shares the model's parameters, GPT-2's Conv1D weights through a transposed view."""
+    model = _gpt2()
+    traced = hf.embedding_model(model, IDS)
+    embeds = hf.input_embeddings(model, IDS)
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_attn.weight.mul_(-0.5)
+        model.transformer.h[1].mlp.c_fc.bias.add_(0.25)
+        expected = model(input_ids=IDS).logits[:, -1]
+        torch.testing.assert_close(traced(embeds), expected)
