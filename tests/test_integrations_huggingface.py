@@ -144,6 +144,11 @@ class _BranchOnInput(nn.Module):
         return x * 2 if x.sum() > 0 else x
 
 
+class _NumberFromInput(nn.Module):
+    def forward(self, x):
+        return x / x.abs().max().item()
+
+
 class _BranchOnShape(nn.Module):
     def forward(self, x):
         n, length = x.shape[:2]
@@ -156,6 +161,8 @@ def test_concrete_trace_fixes_shapes_and_refuses_input_branches():
     torch.testing.assert_close(traced(x), _BranchOnShape()(x))
     with pytest.raises(TypeError, match="branches on a value computed from its input"):
         concrete_trace(_BranchOnInput(), x)
+    with pytest.raises(TypeError, match=r"reads a number from its input \(.item\(\)\)"):
+        concrete_trace(_NumberFromInput(), x)
 
 
 def test_traced_module_sees_weight_updates():

@@ -8,8 +8,9 @@ devices, Python numbers and the truth of conditions on constant tensors) is that
 the graph as a constant. The result is a straight-line ``fx.GraphModule`` for the example's shape,
 which ``fastlrp.LRP`` traces again like any model.
 
-What is refused: a condition on a tensor computed from the input (``if x.sum() > 0``): its branch
-would depend on the input values, which the fixed graph cannot follow.
+What is refused: a condition on a tensor computed from the input (``if x.sum() > 0``) and a number
+read from one (``x.max().item()``, an index): they depend on the input values, which the fixed graph
+cannot follow.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from torch import nn
 from .. import layers
 from .._common.model_view import eval_view
 from ..engine.call import TRACE_LOCK
+
+
+_VALUE_READS = {"item", "tolist", "__int__", "__float__", "__bool__", "numpy"}
+"""Methods that turn a tensor's values (not its shape) into Python values."""
 
 
 class _ValueProxy(fx.Proxy):
@@ -45,6 +50,8 @@ class _ValueProxy(fx.Proxy):
         return self.tracer.to_bool(self)
 
     def __index__(self) -> int:
+        if self._from_input:
+            self.tracer.to_bool(self)  # raises: an index read from the input's values
         return self._value.__index__()
 
 
@@ -91,6 +98,9 @@ class ConcreteTracer(fx.Tracer):
             from_input = any(unwrap_count)
             value = self._run(kind, target, args_v, kwargs_v)
         if kind not in ("placeholder", "get_attr") and not _holds_tensor(value):
+            if from_input and target in _VALUE_READS:
+                raise fx.proxy.TraceError(f"the model reads a number from its input (.{target}()); a graph "
+                                          "traced for one example cannot follow that")
             return value  # a size, dtype, number: the example's, a constant in the graph
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         proxy._value = value
