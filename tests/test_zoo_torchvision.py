@@ -108,10 +108,11 @@ def test_model_explains_with_its_default_composite(name, kind):
     before = fingerprint(model)
     explained = SegmentationOutput(model).eval() if kind == "segmentation" else model
     x = torch.randn(1, *shape)
-    explanation = fastlrp.LRP(explained).explain(x, 3)
+    explanation = fastlrp.LRP(explained).explain(x)  # the predicted class
     assert explanation.relevance.shape == x.shape
     assert torch.isfinite(explanation.relevance).all(), name
-    assert explanation.relevance.abs().sum() > 0, name
+    if explanation.start.abs().sum() > 0:  # (random SqueezeNets can end in an all-zero ReLU map)
+        assert explanation.relevance.abs().sum() > 0, name
     with torch.no_grad():
         expected = explained(x)
     torch.testing.assert_close(explanation.output, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
