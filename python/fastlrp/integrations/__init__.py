@@ -1,10 +1,11 @@
 """Adapters for model libraries whose models are not plain one-tensor modules (docs/integrations.md).
 
 - ``fastlrp.integrations.huggingface``: ``transformers`` models from input embeddings or pixels;
-- ``fastlrp.integrations.concrete_trace``: tracing for one example input, with shapes fixed.
+- ``fastlrp.integrations.timm``: ``prepare(model)``, a view of a timm model that fastlrp computes exactly;
+- ``fastlrp.integrations.concrete_trace``: tracing for one example input, with shapes fixed;
+- ``one_input(model)`` (here): for models whose forward takes optional extra arguments.
 
-timm and MONAI models need no adapter beyond ``one_input`` for models whose forward takes optional
-extra arguments.
+MONAI's networks need no adapter.
 """
 
 from __future__ import annotations
