@@ -259,3 +259,31 @@ def test_flatten_before_the_first_linear_layer_is_accepted():
     assert relevance.shape == x.shape
     with pytest.raises(ValueError, match=r"\[\.\.\., 12\]"):
         fastlrp.LRP(torch.nn.Sequential(torch.nn.Linear(12, 3)).eval())(torch.randn(2, 5), 0)
+
+
+class _BatchNormThenReLU(nn.BatchNorm2d):
+    """A batch norm subclass whose forward adds an activation (as timm's BatchNormAct2d does)."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+def test_layer_subclass_with_its_own_forward_is_refused_not_skipped():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _BatchNormThenReLU(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+    with pytest.raises(fastlrp.UnsupportedLayerError, match=r"1 \(_BatchNormThenReLU.*forward\(\) differs"):
+        fastlrp.LRP(model)
+    x = torch.randn(2, 3, 8, 8)
+    explained = fastlrp.LRP(model, passthrough=[_BatchNormThenReLU]).explain(x, 0)
+    torch.testing.assert_close(explained.output, model(x))
+
+
+def test_batch_norm_passed_through_is_not_also_folded():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 8, 8)
+    for passthrough in ([nn.BatchNorm2d], ["1"]):
+        torch.testing.assert_close(fastlrp.LRP(model, passthrough=passthrough).explain(x, 0).output, model(x))

@@ -118,5 +118,14 @@ AvgPool = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
            nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, Mean)
 """Average pooling, adaptive average pooling and means over dimensions."""
 
+_TORCH_FORWARDS = {cls.forward for cls in Linear + BatchNorm}
+
+
+def overrides_forward(module: nn.Module) -> bool:
+    """A linear layer or batch norm whose class changes torch's ``forward`` (timm's BatchNormAct2d,
+    StdConv2d). The engine computes these layers from their parameters, so it would not run that code."""
+    return isinstance(module, Linear + BatchNorm) and type(module).forward not in _TORCH_FORWARDS
+
+
 SUPPORTED = (Linear + BatchNorm + MaxPool + Activation + Structural + AvgPool + Normalization + Attention + Softmax
              + (Sum, GatedProduct))

@@ -241,7 +241,8 @@ def build(model: nn.Module, composite: Composite, options: Options) -> fx.GraphM
                         "fastlrp explains models with exactly one input tensor")
 
     _rebind_in_place(graph)
-    folds = _batchnorm_folds(gm) if options.fold_batchnorm else {}
+    folds = _batchnorm_folds(gm, lambda site, m: site in passthrough_names or isinstance(m, passthrough_types)) \
+        if options.fold_batchnorm else {}
     _mark_gates(gm)
     _mark_attention(gm)
     values = _Values(graph)
@@ -308,6 +309,14 @@ def _check_rule(site: str, module_type: str, rule: Rule, allowed: tuple):
 
 def _module_layer(node, site, module, resolve, options, folds, values):
     kind = type(module).__name__
+    if layers.overrides_forward(module):
+        base = next(c for c in type(module).__mro__ if c.__module__.startswith("torch.nn"))
+        raise UnsupportedLayerError(
+            f"{site} ({kind}, from {type(module).__module__}) is an nn.{base.__name__} whose forward() differs from "
+            f"torch's; fastlrp computes nn.{base.__name__} from its parameters and would silently skip that code. "
+            f"Pass passthrough=[{kind}] or passthrough=['{site}'] to explain it by its plain gradient"
+            + (", or explain fastlrp.integrations.timm.prepare(model)" if kind in ("BatchNormAct2d",) else "")
+            + ".")
     if isinstance(module, layers.Normalization + (nn.MultiheadAttention,)):
         rule = resolve(site, module)
         _check_rule(site, kind, rule, (LayerNormIdentity, Gradient) if isinstance(module, layers.Normalization)
@@ -392,9 +401,10 @@ def _mark_gates(gm: fx.GraphModule) -> None:
             node.meta["fastlrp_gate"] = True  # a reshaped gate (MONAI's SE blocks: fc(y).view(b, c, 1, 1, 1))
 
 
-def _batchnorm_folds(gm: fx.GraphModule) -> dict:
+def _batchnorm_folds(gm: fx.GraphModule, passed_through) -> dict:
     """{linear node: batch norm module} for each eval-mode batch norm whose input is the output
-    of a linear layer used by nothing else; such a pair computes one affine map."""
+    of a linear layer used by nothing else; such a pair computes one affine map. Layers passed through
+    (``passed_through(site, module)``) or with a forward of their own are never folded."""
     folds = {}
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), layers.BatchNorm):
@@ -404,6 +414,9 @@ def _batchnorm_folds(gm: fx.GraphModule) -> dict:
         if not (isinstance(prev, fx.Node) and prev.op == "call_module" and len(prev.users) == 1):
             continue
         linear = gm.get_submodule(prev.target)
+        if any(passed_through(n.target, m) or layers.overrides_forward(m)
+               for n, m in ((node, bn), (prev, linear))):
+            continue
         if not isinstance(linear, layers.Linear) or not bn.track_running_stats or bn.running_var is None:
             continue
         if isinstance(linear, nn.modules.conv._ConvTransposeNd) and linear.groups != 1:

@@ -4,7 +4,7 @@ fastlrp computes a convolution, linear layer or batch norm from the layer's para
 batch norms into the convolution before them), not by calling the layer's ``forward``. timm subclasses
 these layers and changes ``forward``: ``BatchNormAct2d`` (EfficientNet, MobileNetV3, RegNet, ...) is a
 BatchNorm2d followed by its activation, ``StdConv2d`` standardizes its weight, ``Conv2dSame`` pads
-by the input size. Explained as they are, the first would lose its activation.
+by the input size. ``LRP(model)`` refuses such layers by name (it would otherwise skip their code).
 
 ``prepare(model)`` returns a view of the model (``_common.model_view.eval_view``: shared parameters
 and buffers, the model itself untouched) in which each ``BatchNormAct2d`` is a plain ``BatchNorm2d``
@@ -18,13 +18,6 @@ from torch import nn
 
 from .. import layers
 from .._common.model_view import eval_view
-
-_TORCH_FORWARDS = {cls.forward for cls in layers.Linear + layers.BatchNorm}
-
-
-def _overrides_forward(module: nn.Module) -> bool:
-    return isinstance(module, layers.Linear + layers.BatchNorm) and type(module).forward not in _TORCH_FORWARDS
-
 
 def _split_batchnorm_act(module: nn.Module) -> nn.Module | None:
     """BatchNorm2d + drop + act for timm's BatchNormAct2d (same parameters and buffers), else None."""
@@ -51,7 +44,7 @@ def prepare(model: nn.Module) -> nn.Module:
             split = None if child is None else _split_batchnorm_act(child)
             if split is not None:
                 parent._modules[name] = split  # the view's own child dict
-            elif child is not None and _overrides_forward(child):
+            elif child is not None and layers.overrides_forward(child):
                 refused.append(f"{parent_name + '.' if parent_name else ''}{name} ({type(child).__name__})")
     if refused:
         raise TypeError(f"{type(model).__name__} has layers whose forward differs from torch's, which fastlrp "
