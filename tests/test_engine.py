@@ -287,3 +287,13 @@ def test_batch_norm_passed_through_is_not_also_folded():
     x = torch.randn(2, 3, 8, 8)
     for passthrough in ([nn.BatchNorm2d], ["1"]):
         torch.testing.assert_close(fastlrp.LRP(model, passthrough=passthrough).explain(x, 0).output, model(x))
+
+
+def test_no_target_on_a_dense_output_explains_each_positions_predicted_class():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 1)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    explainer = fastlrp.LRP(model, "epsilon_plus", backend="reference")
+    output = model(x)
+    one_hot = torch.zeros_like(output).scatter_(1, output.argmax(1, keepdim=True), 1.0)
+    torch.testing.assert_close(explainer(x), explainer(x, one_hot))
+    assert not torch.equal(explainer(x), explainer(x, 0))

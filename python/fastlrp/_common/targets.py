@@ -2,7 +2,8 @@
 all turn a user's target into starting relevance (weights over the output) or class indices here.
 
 A target is a class index, one index per sample, a weight tensor broadcast to the output (e.g.
-one-hot), a callable mapping the output to the starting relevance, or None (the predicted class).
+one-hot), a callable mapping the output to the starting relevance, or None (the predicted class; for a
+dense output of shape (N, C, ...), such as a segmentation map, the predicted class at each position).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ def starting_relevance(output: torch.Tensor, target, start: str = "logit") -> to
     if output.ndim < 2:
         raise ValueError(f"model output of shape {tuple(output.shape)} has no class dimension; "
                          "pass target as a callable returning the starting relevance")
-    if target is None:
+    if target is None and output.ndim > 2:  # a dense output (segmentation): each position's predicted class
+        target = torch.zeros_like(output).scatter_(1, output.detach().argmax(1, keepdim=True), 1.0)
+    elif target is None:
         target = output.detach().argmax(1)
     if isinstance(target, int) or (isinstance(target, torch.Tensor) and target.dtype in _INDEX_DTYPES):
         index = torch.as_tensor(target, device=output.device).long()

@@ -128,7 +128,8 @@ class LRP:
 
         ``target``: a class index (int), one index per sample (LongTensor of shape [N]), a
         weight tensor broadcastable to the output (e.g. one-hot [N, C]), a callable mapping
-        the output to the starting relevance, or None for each sample's predicted class.
+        the output to the starting relevance, or None for each sample's predicted class (at each
+        position, for a dense output such as a segmentation map).
         """
         self._check_input(x)
         self._check_finite(x)
