@@ -1087,3 +1087,22 @@ def test_nonfinite_option_on_every_explaining_command(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "--nonfinite {warn,raise}" in capsys.readouterr().out, command
+
+
+@pytest.mark.slow
+def test_explain_and_video_with_torchvision_transformers(tmp_path, capsys):
+    """Issue 14: the commands take torchvision's transformers by name (random weights): ViT-B/16 for
+    images (its 224 x 224 input fixed by the position embeddings), Swin3D for video on small clips."""
+    pytest.importorskip("torchvision")
+    image = write_image(tmp_path / "img.png", size=(40, 40))
+    code, printed, err = run_cli(capsys, "explain", image, "--model", "vit_b_16", "--size", "224",
+                                 "--out", tmp_path / "vit")
+    assert code == 0, err
+    predictions = json.loads((tmp_path / "vit" / "predictions.json").read_text())
+    assert "img.png" in json.dumps(predictions) and (tmp_path / "vit" / "img_overlay.png").exists()
+    source = write_video(tmp_path / "in.avi", frames=6, size=(32, 32))
+    out = tmp_path / "swin3d.mp4"
+    code, printed, err = run_cli(capsys, "video", source, "--model", "swin3d_t", "--size", "32",
+                                 "--clip-length", "4", "--clip-stride", "2", "--out", out)
+    assert code == 0, err
+    assert len(decode(out)) == 6 and "6 frames 32x32" in printed
