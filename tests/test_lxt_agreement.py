@@ -90,13 +90,14 @@ def lxt_relevance(model, x, target):
     return (x * x.grad).detach()
 
 
+@pytest.mark.parametrize("backend", ["reference", "native"])
 @pytest.mark.parametrize("composite, attention", [("cp_lrp", lxt_patches.cp_multi_head_attention_forward),
                                                   ("attnlrp", _attnlrp_attention)])
-def test_vit_matches_lxt(composite, attention):
+def test_vit_matches_lxt(composite, attention, backend):
     model = tiny_vit()
     x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
     expected = lxt_relevance(lxt_patched(model, attention), x, 2)
-    got = fastlrp.LRP(model, composite, backend="reference", epsilon=TINY, stabilizer=TINY)(x, 2)
+    got = fastlrp.LRP(model, composite, backend=backend, epsilon=TINY, stabilizer=TINY)(x, 2)
     assert expected.abs().sum() > 0
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
 

@@ -29,6 +29,7 @@ import torch
 from .. import ops
 from ..linear_form import LinearForm, broadcast_bound, modified_input
 from ..reference.affine import AffineOp
+from . import attnlrp
 from .base import Backend
 
 _CODES = {"x": ops.IDENTITY, "x+": ops.POSITIVE, "x-": ops.NEGATIVE, "ones": ops.ONE, "low": ops.TENSOR,
@@ -280,3 +281,23 @@ class NativeBackend(Backend):
         p = layer.pool
         return (ops.pool_relevance(saved[0], relevance, "max_proportional", p.kernel_size, p.stride, p.padding,
                                    p.ceil_mode, epsilon=layer.rule.stabilizer),)
+
+    # ---- transformer layers: the AttnLRP rules in gradient form, recorded in the forward pass
+    # (backends/attnlrp.py; pure torch around torch's fused kernels, so any device and dtype)
+    def supports_block(self, layer, inputs) -> bool:
+        return True
+
+    def forward_block(self, layer, inputs):
+        return attnlrp.block(layer, inputs)
+
+    def supports_bilinear(self, layer, inputs) -> bool:
+        return True
+
+    def forward_bilinear(self, layer, inputs):
+        return attnlrp.bilinear(layer, inputs)
+
+    def supports_softmax(self, layer, inputs) -> bool:
+        return True
+
+    def forward_softmax(self, layer, inputs):
+        return attnlrp.softmax(layer, inputs[0])

@@ -546,16 +546,18 @@ def _transformer_layer(node, site, name, resolve, values):
                       resolve)
     if target in ATTENTION_FUNCTIONS or (node.op == "call_function" and _is_wrapped_helper(target)
                                          and name not in STRUCTURAL_HELPERS and name not in EVAL_IDENTITIES):
-        return _block(site, f"{name}()", layers.Function(name), (AttnLRP,), fn, inputs, carrying, resolve)
+        # a wrapped helper may write into its inputs (MViT's _add_rel_pos); torch's functions do not
+        return _block(site, f"{name}()", layers.Function(name), (AttnLRP,), fn, inputs, carrying, resolve,
+                      writes_inputs=target not in ATTENTION_FUNCTIONS)
     return False
 
 
-def _block(site, label, template, allowed, fn, inputs, carrying, resolve):
+def _block(site, label, template, allowed, fn, inputs, carrying, resolve, writes_inputs=False):
     rule = resolve(site, template)
     _check_rule(site, label, rule, allowed + (Gradient,))
     if isinstance(rule, Gradient):
         return _with_inputs(GradientLayer(site, fn), inputs)
-    return _with_inputs(BlockLayer(site, rule, fn, carrying), inputs)
+    return _with_inputs(BlockLayer(site, rule, fn, carrying, writes_inputs=writes_inputs), inputs)
 
 
 def _is_wrapped_helper(target) -> bool:

@@ -398,13 +398,16 @@ class BlockLayer(RelevanceLayer):
     function the trace keeps whole (rule AttnLRP). Its rule is reference.block_relevance: the block's
     gradient under AttnLRP's gradient forms, times its input. ``carrying`` says which inputs carry
     relevance (the others are weights, masks, shapes). ``returns_pair``: the block answers (output,
-    None), as nn.MultiheadAttention does with need_weights=False."""
+    None), as nn.MultiheadAttention does with need_weights=False. ``writes_inputs``: the block may
+    write into its inputs (a wrapped helper), so they are copied where it runs."""
 
     kind = "block"
 
-    def __init__(self, site: str, rule: Rule, fn: Callable, carrying: tuple, returns_pair: bool = False):
+    def __init__(self, site: str, rule: Rule, fn: Callable, carrying: tuple, returns_pair: bool = False,
+                 writes_inputs: bool = False):
         super().__init__(site, rule)
         self.fn, self.carrying, self.returns_pair = fn, tuple(carrying), returns_pair
+        self.writes_inputs = writes_inputs
 
     def forward(self, *inputs):
         output = super().forward(*inputs)

@@ -175,7 +175,7 @@ def _multi_head_attention(mode, query, key, value, embed_dim, num_heads, in_proj
     if key_padding_mask is not None:
         padding = key_padding_mask.reshape(batch, 1, 1, source)
         mask = mask.masked_fill(padding, float("-inf")) if padding.dtype == torch.bool else mask + padding
-    out = _sdpa(mode, q, k, v, attn_mask=mask)
+    out = mode.sdpa(q, k, v, attn_mask=mask)
     out = F.linear(out.permute(2, 0, 1, 3).reshape(length, batch, width), out_proj_weight, out_proj_bias)
     return (out.squeeze(1) if unbatched else out), None
 
@@ -204,6 +204,13 @@ class AttnLRPMode(TorchFunctionMode):
         s = torch.softmax(x, dim, dtype=dtype)
         return s.detach() if self.hold_attention else s
 
+    # The forms below are the ones a faster mode (backends/attnlrp.py) replaces by fused ones.
+    def sdpa(self, *args, **kwargs):
+        return _sdpa(self, *args, **kwargs)
+
+    def normalization(self, func, *args, **kwargs):
+        return _NORMS[func](*args, **kwargs)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         args = tuple(a.detach() if isinstance(a, nn.Parameter) else a for a in args)
@@ -220,9 +227,9 @@ class AttnLRPMode(TorchFunctionMode):
             beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
             return beta * bias + alpha * _bilinear(torch.bmm(b1, b2), (b1, b2))
         if func in _NORMS:
-            return _NORMS[func](*args, **kwargs)
+            return self.normalization(func, *args, **kwargs)
         if func is F.scaled_dot_product_attention:
-            return _sdpa(self, *args, **kwargs)
+            return self.sdpa(*args, **kwargs)
         if func is F.multi_head_attention_forward:  # its inner ops would run without this mode
             return _multi_head_attention(self, *args, **kwargs)
         if func in _ACTIVATIONS and _carrying(args[0]):

@@ -1,0 +1,175 @@
+"""The transformer layers on the native backend (backends/attnlrp.py): the AttnLRP and CP-LRP rules
+recorded in the forward pass with torch's fused attention and normalization kernels give the
+reference's relevance (which reruns each block with written-out forms), the model's own output, and
+run each block once."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+from torchvision.models.video.mvit import MSBlockConfig, MViT
+
+from fastlrp import LRP
+from fastlrp.rules import AttnLRP, LayerNormIdentity, SoftmaxRule, Uniform
+from test_transformers import Attention, rand_, tiny_vit
+
+F64 = torch.float64
+TRANSFORMER_RULES = (AttnLRP, LayerNormIdentity, SoftmaxRule, Uniform)
+
+
+class MaskedAttention(nn.Module):
+    """scaled_dot_product_attention with a causal mask, a float or boolean mask, grouped keys and
+    values (GQA), then an RMSNorm."""
+
+    def __init__(self, mask, width=8, heads=4, kv_heads=2, length=5):
+        super().__init__()
+        self.mask, self.heads, self.kv_heads = mask, heads, kv_heads
+        # float: added to the scores; boolean: True may attend (no row fully masked)
+        self.register_buffer("float_mask", torch.linspace(-1, 1, length * length).reshape(length, length))
+        self.register_buffer("bool_mask", torch.ones(length, length, dtype=torch.bool).tril())
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width * kv_heads // heads)
+        self.norm = nn.RMSNorm(width)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        n, t, c = x.shape
+        q = self.q(x).reshape(n, t, self.heads, c // self.heads).transpose(1, 2)
+        k, v = self.kv(x).chunk(2, -1)
+        k = k.reshape(n, t, self.kv_heads, c // self.heads).transpose(1, 2)
+        v = v.reshape(n, t, self.kv_heads, c // self.heads).transpose(1, 2)
+        options = dict(enable_gqa=True)
+        if self.mask == "causal":
+            options["is_causal"] = True
+        else:
+            options["attn_mask"] = self.float_mask if self.mask == "float" else self.bool_mask
+        y = F.scaled_dot_product_attention(q, k, v, **options)
+        return self.head(self.norm(y.transpose(1, 2).reshape(n, t, c))[:, -1])
+
+
+MIXER_CALLS = []
+
+
+@torch.fx.wrap
+def mixer(x, weight):
+    """A function the trace keeps whole (a block under AttnLRP) that counts its calls."""
+    MIXER_CALLS.append(1)
+    scores = torch.softmax(x @ x.transpose(-2, -1), -1)
+    return F.gelu(scores @ x) @ weight
+
+
+@torch.fx.wrap
+def add_into(x, y):
+    x.add_(y * y)
+    return x
+
+
+def tiny_convnext():
+    return rand_(ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=3), 0.3)
+
+
+def tiny_swin(v2=False):
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+    extra = dict(block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2) if v2 else {}
+    return rand_(SwinTransformer(patch_size=[2, 2], embed_dim=8, depths=[2, 1], num_heads=[2, 2],
+                                 window_size=[2, 2], num_classes=3, **extra), 0.3)
+
+
+def tiny_mvit():
+    """MViT-v2's pooled attention with relative positions (_add_rel_pos writes into its input)."""
+    blocks = [MSBlockConfig(1, 8, 8, [3, 3, 3], [3, 3, 3], [1, 1, 1], [1, 2, 2]),
+              MSBlockConfig(2, 8, 16, [3, 3, 3], [3, 3, 3], [1, 2, 2], [1, 1, 1])]
+    model = MViT((16, 16), 4, blocks, residual_pool=True, residual_with_cls_embed=False, rel_pos_embed=True,
+                 proj_after_attn=True, num_classes=3, patch_embed_kernel=(3, 3, 3), patch_embed_stride=(2, 2, 2),
+                 patch_embed_padding=(1, 1, 1))
+    return rand_(model, 0.3)
+
+
+MODELS = {
+    "explicit": (lambda: rand_(Attention("explicit")), (2, 5, 6)),
+    "sdpa": (lambda: rand_(Attention("sdpa")), (2, 5, 6)),
+    "multihead": (lambda: rand_(Attention("module")), (2, 5, 6)),
+    "causal_gqa_rmsnorm": (lambda: rand_(MaskedAttention("causal")), (2, 5, 8)),
+    "float_mask": (lambda: rand_(MaskedAttention("float")), (2, 5, 8)),
+    "bool_mask": (lambda: rand_(MaskedAttention("bool")), (2, 5, 8)),
+    "vit": (tiny_vit, (2, 3, 16, 16)),
+    "convnext": (tiny_convnext, (2, 3, 32, 32)),
+    "swin": (tiny_swin, (2, 3, 12, 12)),
+    "swin_v2": (lambda: tiny_swin(v2=True), (2, 3, 12, 12)),
+    "mvit": (tiny_mvit, (2, 3, 4, 16, 16)),
+}
+
+
+@pytest.mark.parametrize("composite", ["attnlrp", "cp_lrp"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_native_equals_reference(name, composite):
+    torch.manual_seed(0)
+    build, shape = MODELS[name]
+    model = build()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(*shape, dtype=F64)
+    explainer = LRP(model, composite, backend="native")
+    native = explainer.explain(x, 1)
+    reference = LRP(model, composite, backend="reference").explain(x, 1)
+    transformer_sites = [site for site, rule in explainer.rules().items() if isinstance(rule, TRANSFORMER_RULES)]
+    assert transformer_sites and all(native.backends[site] == "native" for site in transformer_sites)
+    assert native.relevance.abs().sum() > 0 and torch.isfinite(native.relevance).all()
+    torch.testing.assert_close(native.relevance, reference.relevance, rtol=1e-9,
+                               atol=1e-9 * reference.relevance.abs().max().item())
+    with torch.no_grad():
+        torch.testing.assert_close(native.output, model(x), rtol=1e-12, atol=1e-12)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_follows_reference_in_low_precision(dtype):
+    torch.manual_seed(1)
+    model = tiny_vit().to(dtype)
+    x = torch.randn(3, 3, 16, 16, dtype=dtype)
+    native = LRP(model, backend="native")(x, 2)
+    exact = LRP(model.double(), backend="reference")(x.double(), 2)
+    assert native.dtype == dtype
+    scale = exact.abs().max().item()
+    tolerance = {torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
+    assert (native.double() - exact).abs().max().item() < tolerance * scale
+
+
+def test_each_block_runs_once():
+    """The native path records the rule in the forward pass; the reference reruns the block in its rule."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight, self.head = nn.Parameter(torch.randn(4, 4)), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(mixer(x, self.weight)[:, 0])
+
+    model = rand_(Net())
+    x = torch.randn(2, 3, 4, dtype=F64)
+    for backend, expected in (("native", 1), ("reference", 2)):
+        explainer = LRP(model, "attnlrp", backend=backend)
+        MIXER_CALLS.clear()
+        explainer(x, 0)
+        assert len(MIXER_CALLS) == expected, backend
+
+
+def test_block_may_write_into_its_input():
+    """A wrapped helper that adds in place into its input (MViT's _add_rel_pos): the native path gives it
+    a copy (an in-place write into the view it would otherwise get is an autograd error)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(add_into(self.a(x), self.b(x)))
+
+    model = rand_(Net())
+    x = torch.randn(4, 3, dtype=F64)
+    native = LRP(model, "attnlrp", backend="native").explain(x, 1)
+    reference = LRP(model, "attnlrp", backend="reference").explain(x, 1)
+    torch.testing.assert_close(native.relevance, reference.relevance)
+    with torch.no_grad():
+        torch.testing.assert_close(native.output, model(x))
