@@ -53,9 +53,9 @@ def _configs():
 # The tuning key: sizes, the rule's compile-time switches (a 1-product ZPlus tile is not the best
 # 4-product Gamma tile), conv groups (CG, OG) and the layout (channel and innermost strides of x).
 # Tensor dtypes are added by Triton itself. Names a kernel lacks are skipped.
-_AUTOTUNE_KEY = ["N", "C", "D", "H", "W", "O", "OD", "OH", "OW", "KD", "KH", "KW", "CG", "OG", "sxc", "sxw",
-                 "NEED_Y", "NEED_PP", "NEED_PN", "NEED_NP", "NEED_NN", "Y_FROM_PARTS", "HAS_B0", "HAS_B1",
-                 "GROUPS_Z", "MASK0", "MASK1", "WRITE_Z", "PREC"]
+_AUTOTUNE_KEY = ["N", "C", "D", "H", "W", "O", "OD", "OH", "OW", "KD", "KH", "KW", "SD", "SH", "SW", "PD", "PH",
+                 "PW", "DD", "DH", "DW", "CG", "OG", "sxc", "sxw", "EVEN_C", "NONNEGATIVE", "NEED_Y", "NEED_PP", "NEED_PN", "NEED_NP",
+                 "NEED_NN", "Y_FROM_PARTS", "HAS_B0", "HAS_B1", "GROUPS_Z", "MASK0", "MASK1", "WRITE_Z", "PREC"]
 
 # A config that spills registers to local memory (more than this many bytes per thread) is never chosen:
 # every spilled value in the K loop is an extra local load/store per step. Zero: the safe tile shows
@@ -121,24 +121,32 @@ def _bound_weight(w, valid, a, b, c, d):
                  prune_configs_by={"early_config_prune": _resource_pruner("_lrp_forward_kernel")})
 @triton.jit
 def _lrp_forward_kernel(
-        x_ptr, w_ptr, bias_ptr, zbias_ptr, b0_ptr, b1_ptr, y_ptr, z_ptr,
-        N, C, D, H, W, O, OD, OH, OW, CG, OG,
-        KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW,
+        x_ptr, wk_ptr, bias_ptr, zbias_ptr, b0_ptr, b1_ptr, y_ptr, z_ptr,
+        N, C, D, H, W, O, OD, OH, OW, CG, OG, CGP, svar,
         sxn, sxc, sxd, sxh, sxw,
         sb0n, sb0c, sb0d, sb0h, sb0w,
         sb1n, sb1c, sb1d, sb1h, sb1w,
         syn, syc, syd, syh, syw,
         szn, szc, szd, szh, szw,
         g0y, g0pp, g0pn, g0np, g0nn, g1y, g1pp, g1pn, g1np, g1nn,
-        m0a, m0b, m0c, m0d, m1a, m1b, m1c, m1d,
+        KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SD: tl.constexpr, SH: tl.constexpr,
+        SW: tl.constexpr, PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, DD: tl.constexpr,
+        DH: tl.constexpr, DW: tl.constexpr, EVEN_C: tl.constexpr, NONNEGATIVE: tl.constexpr,
+        SLOT_W: tl.constexpr, SLOT_WP: tl.constexpr, SLOT_WN: tl.constexpr, SLOT_M0: tl.constexpr,
+        SLOT_M1: tl.constexpr,
         NEED_Y: tl.constexpr, NEED_PP: tl.constexpr, NEED_PN: tl.constexpr, NEED_NP: tl.constexpr,
         NEED_NN: tl.constexpr, Y_FROM_PARTS: tl.constexpr, HAS_B0: tl.constexpr, HAS_B1: tl.constexpr,
         HAS_BIAS: tl.constexpr, HAS_ZBIAS: tl.constexpr, WRITE_Z: tl.constexpr, GROUPS_Z: tl.constexpr,
         PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    # rows: output positions (n, od, oh, ow); columns: output channels of conv group g
+    # rows: output positions (n, od, oh, ow); columns: output channels of conv group g. The reduction
+    # runs tap by tap (outer loop) and, inside a tap, over the group's input channels in BK blocks: the
+    # row tile's input offsets and padding mask are formed once per tap, and the K loop itself only
+    # advances two pointers. The weights come packed per variant (W, W+, W-, M_0, M_1) as
+    # (conv group, tap, channel, output) by pack_weights, so the B tiles need no modifier work.
     pid_m, pid_n, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
     m_ok = rm < N * OD * OH * OW
     n_ok = rn < OG
     ow = rm % OW
@@ -148,10 +156,10 @@ def _lrp_forward_kernel(
     od = rest % OD
     nb = rest // OD
     id0, ih0, iw0 = od * SD - PD, oh * SH - PH, ow * SW - PW
-    kvol = KD * KH * KW
-    kg = CG * kvol
-    w_rows = (g * OG + rn) * kg
-    x_base = nb * sxn + g * CG * sxc
+    x_rows = nb * sxn + g * CG * sxc
+    b0_rows = nb * sb0n + g * CG * sb0c
+    b1_rows = nb * sb1n + g * CG * sb1c
+    w_tile = (g * KD * KH * KW * CGP + rk)[:, None] * OG + rn[None, :]
 
     acc_y = tl.zeros((BM, BN), tl.float32)
     acc_pp = tl.zeros((BM, BN), tl.float32)
@@ -160,47 +168,56 @@ def _lrp_forward_kernel(
     acc_nn = tl.zeros((BM, BN), tl.float32)
     acc_k0 = tl.zeros((BM, BN), tl.float32)
     acc_k1 = tl.zeros((BM, BN), tl.float32)
-    for k0 in range(0, kg, BK):
-        rk = k0 + tl.arange(0, BK)
-        k_ok = rk < kg
-        c = rk // kvol
-        r = rk % kvol
-        kw = r % KW
-        r = r // KW
-        kh = r % KH
-        kd = r // KH
-        i_d = id0[:, None] + kd[None, :] * DD
-        i_h = ih0[:, None] + kh[None, :] * DH
-        i_w = iw0[:, None] + kw[None, :] * DW
+    for tap in range(KD * KH * KW):
+        # once per tap: where the row tile reads (divisors are compile-time constants)
+        i_d = id0 + (tap // (KH * KW)) * DD
+        i_h = ih0 + (tap // KW % KH) * DH
+        i_w = iw0 + (tap % KW) * DW
         # zero padding: out-of-range taps read 0 for every modified input alike
-        inside = (m_ok[:, None] & k_ok[None, :] & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H)
-                  & (i_w >= 0) & (i_w < W))
-        w_ok = k_ok[:, None] & n_ok[None, :]
-        w = tl.load(w_ptr + w_rows[None, :] + rk[:, None], mask=w_ok, other=0.0)
-        if NEED_Y or NEED_PP or NEED_PN or NEED_NP or NEED_NN:
-            x = tl.load(x_ptr + x_base[:, None] + c[None, :] * sxc + i_d * sxd + i_h * sxh + i_w * sxw,
-                        mask=inside, other=0.0)
-            if NEED_Y:
-                acc_y = tl.dot(x, w, acc_y, input_precision=PREC)
-            if NEED_PP or NEED_PN or NEED_NP or NEED_NN:
-                xp, xn = _split(x)
-                wp, wn = _split(w)
-                if NEED_PP:
-                    acc_pp = tl.dot(xp, wp, acc_pp, input_precision=PREC)
-                if NEED_PN:
-                    acc_pn = tl.dot(xp, wn, acc_pn, input_precision=PREC)
-                if NEED_NP:
-                    acc_np = tl.dot(xn, wp, acc_np, input_precision=PREC)
-                if NEED_NN:
-                    acc_nn = tl.dot(xn, wn, acc_nn, input_precision=PREC)
-        if HAS_B0:
-            b0 = tl.load(b0_ptr + nb[:, None] * sb0n + (g * CG + c)[None, :] * sb0c + i_d * sb0d + i_h * sb0h
-                         + i_w * sb0w, mask=inside, other=0.0)
-            acc_k0 = tl.dot(b0, _bound_weight(w, w_ok, m0a, m0b, m0c, m0d), acc_k0, input_precision=PREC)
-        if HAS_B1:
-            b1 = tl.load(b1_ptr + nb[:, None] * sb1n + (g * CG + c)[None, :] * sb1c + i_d * sb1d + i_h * sb1h
-                         + i_w * sb1w, mask=inside, other=0.0)
-            acc_k1 = tl.dot(b1, _bound_weight(w, w_ok, m1a, m1b, m1c, m1d), acc_k1, input_precision=PREC)
+        row_ok = m_ok & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
+        x_ptrs = x_ptr + (x_rows + i_d * sxd + i_h * sxh + i_w * sxw)[:, None] + (rk * sxc)[None, :]
+        b0_ptrs = b0_ptr + (b0_rows + i_d * sb0d + i_h * sb0h + i_w * sb0w)[:, None] + (rk * sb0c)[None, :]
+        b1_ptrs = b1_ptr + (b1_rows + i_d * sb1d + i_h * sb1h + i_w * sb1w)[:, None] + (rk * sb1c)[None, :]
+        w_ptrs = wk_ptr + tap * CGP * OG + w_tile
+        for c0 in range(0, CG, BK):
+            # the K loop: dense tiles, pointer increments, masks that change only at the channel edge
+            if EVEN_C:
+                a_ok = row_ok[:, None]
+            else:
+                a_ok = row_ok[:, None] & (rk < CG - c0)[None, :]
+            w_ok = n_ok[None, :]  # rows past CG are zero in the packed weights
+            if NEED_Y or NEED_PP or NEED_PN or NEED_NP or NEED_NN:
+                x = tl.load(x_ptrs, mask=a_ok, other=0.0)
+                if NEED_Y:
+                    acc_y = tl.dot(x, tl.load(w_ptrs + SLOT_W * svar, mask=w_ok, other=0.0), acc_y,
+                                   input_precision=PREC)
+                if NEED_PP or NEED_PN or NEED_NP or NEED_NN:
+                    if NONNEGATIVE:  # x >= 0 (after a ReLU, from the graph): x+ is x, used as loaded
+                        xp, xn = x, x
+                    else:
+                        xp, xn = _split(x)  # the input modifiers, once per K step for every product
+                    if NEED_PP or NEED_NP:
+                        wp = tl.load(w_ptrs + SLOT_WP * svar, mask=w_ok, other=0.0)
+                        if NEED_PP:
+                            acc_pp = tl.dot(xp, wp, acc_pp, input_precision=PREC)
+                        if NEED_NP:
+                            acc_np = tl.dot(xn, wp, acc_np, input_precision=PREC)
+                    if NEED_PN or NEED_NN:
+                        wn = tl.load(w_ptrs + SLOT_WN * svar, mask=w_ok, other=0.0)
+                        if NEED_PN:
+                            acc_pn = tl.dot(xp, wn, acc_pn, input_precision=PREC)
+                        if NEED_NN:
+                            acc_nn = tl.dot(xn, wn, acc_nn, input_precision=PREC)
+            if HAS_B0:
+                acc_k0 = tl.dot(tl.load(b0_ptrs, mask=a_ok, other=0.0),
+                                tl.load(w_ptrs + SLOT_M0 * svar, mask=w_ok, other=0.0), acc_k0, input_precision=PREC)
+            if HAS_B1:
+                acc_k1 = tl.dot(tl.load(b1_ptrs, mask=a_ok, other=0.0),
+                                tl.load(w_ptrs + SLOT_M1 * svar, mask=w_ok, other=0.0), acc_k1, input_precision=PREC)
+            x_ptrs += BK * sxc
+            b0_ptrs += BK * sb0c
+            b1_ptrs += BK * sb1c
+            w_ptrs += BK * OG
 
     ch = g * OG + rn
     out_ok = m_ok[:, None] & n_ok[None, :]
@@ -406,31 +423,89 @@ def _geometry(x, weight, y, stride, padding, dilation, groups):
             *stride, *padding, *dilation)
 
 
-def launch_forward(x, weight, bias, z_bias, bound0, bound1, y, z, coefficients, bound_modifiers, groups_z: int,
-                   nonnegative_input: bool, stride, padding, dilation, groups: int, allow_tf32: bool = False,
-                   wrap=None):
-    """Write y = f(x; W, b) and z_g (channels g*O .. (g+1)*O of z) for 5-d views; ``z`` None: z_0 is y.
+# The packed weights' channel rows are padded to a multiple of the largest BK with zeros, so the B tiles
+# are never masked along K (x's tile is: its channels past CG are another group's or out of bounds).
+_MAX_BK = max(shape[2] for shape in CONFIG_SHAPES)
+WEIGHT_VARIANTS = ("w", "w+", "w-", "m0", "m1")  # W, W+, W-, and the bound products' M_0(W), M_1(W)
 
-    ``coefficients``: 10 floats, per group (y, pp, pn, np, nn); ``bound_modifiers``: 8 floats,
-    (a, b, c, d) of M_0 and M_1. ``wrap``: torch.library.wrap_triton inside a triton_op."""
+
+def forward_plan(coefficients, nonnegative_input: bool, has_bound0: bool, has_bound1: bool):
+    """(weight variants the forward kernel reads, in pack order; its product switches)."""
     _, need_pp, need_pn, need_np, need_nn = _needs(coefficients)  # y itself is always needed
     # the output from the split products: all four, or the two that exist when x- = 0
     parts_hold_y = (need_pp and need_pn and need_np and need_nn) or (nonnegative_input and need_pp and need_pn
                                                                     and not need_np and not need_nn)
-    geometry = _geometry(x, weight, y, stride, padding, dilation, groups)
-    m_rows, og = x.shape[0] * y.shape[2] * y.shape[3] * y.shape[4], geometry[10]
+    used = {"w": not parts_hold_y, "w+": need_pp or need_np, "w-": need_pn or need_nn, "m0": has_bound0,
+            "m1": has_bound1}
+    flags = dict(NEED_Y=not parts_hold_y, NEED_PP=need_pp, NEED_PN=need_pn, NEED_NP=need_np, NEED_NN=need_nn,
+                 Y_FROM_PARTS=parts_hold_y, HAS_B0=has_bound0, HAS_B1=has_bound1)
+    return [name for name in WEIGHT_VARIANTS if used[name]], flags
+
+
+def packed_shape(weight_shape, groups: int, variants) -> tuple:
+    """(variants, conv groups, taps, channels per group padded to the largest BK, outputs per group)."""
+    taps = 1
+    for k in weight_shape[2:]:
+        taps *= k
+    cgp = -(-weight_shape[1] // _MAX_BK) * _MAX_BK
+    return (len(variants), groups, taps, cgp, weight_shape[0] // groups)
+
+
+def pack_weights(weight, groups: int, variants, bound_modifiers):
+    """The forward kernel's weights: per variant (W, W+, W-, M_j = a W+ + b W- + c W^2 + d, the last in
+    float32 before rounding to the weight's dtype), laid out (conv group, tap, input channel, output), so a
+    K step reads one dense (BK x BN) tile per variant with contiguous outputs. Built once per layer
+    (the Triton backend caches it with the layer's other derived weights)."""
+    import torch
+    o, cg = weight.shape[:2]
+    w = weight.reshape(groups, o // groups, cg, -1).permute(0, 3, 2, 1)  # (G, taps, CG, OG)
+    out = torch.zeros(packed_shape(weight.shape, groups, variants), dtype=weight.dtype, device=weight.device)
+    for slot, name in enumerate(variants):
+        if name == "w":
+            v = w
+        elif name == "w+":
+            v = w.clamp(min=0)
+        elif name == "w-":
+            v = w.clamp(max=0)
+        else:
+            a, b, c, d = bound_modifiers[:4] if name == "m0" else bound_modifiers[4:]
+            wf = w.float()
+            v = a * wf.clamp(min=0) + b * wf.clamp(max=0) + c * wf * wf + d
+        out[slot, :, :, :cg] = v
+    return out
+
+
+def launch_forward(x, weight, packed, bias, z_bias, bound0, bound1, y, z, coefficients, bound_modifiers,
+                   groups_z: int, nonnegative_input: bool, stride, padding, dilation, groups: int,
+                   allow_tf32: bool = False, wrap=None):
+    """Write y = f(x; W, b) and z_g (channels g*O .. (g+1)*O of z) for 5-d views; ``z`` None: z_0 is y.
+
+    ``coefficients``: 10 floats, per group (y, pp, pn, np, nn); ``bound_modifiers``: 8 floats,
+    (a, b, c, d) of M_0 and M_1; ``packed``: ``pack_weights`` of ``weight`` for ``forward_plan``'s
+    variants. ``wrap``: torch.library.wrap_triton inside a triton_op."""
+    variants, flags = forward_plan(coefficients, nonnegative_input, bound0 is not None, bound1 is not None)
+    if tuple(packed.shape) != packed_shape(weight.shape, groups, variants):
+        raise ValueError(f"packed weights of shape {tuple(packed.shape)}, expected "
+                         f"{packed_shape(weight.shape, groups, variants)} (pack_weights)")
+    n, c, d, h, w = x.shape
+    o, cg, kd, kh, kw = weight.shape
+    od, oh, ow = y.shape[2:]
+    m_rows, og = n * od * oh * ow, o // groups
     b0, b1 = (bound0 if bound0 is not None else x), (bound1 if bound1 is not None else x)
     z_view = z if z is not None else y
     grid = lambda meta: (triton.cdiv(m_rows, meta["BM"]), triton.cdiv(og, meta["BN"]), groups)  # noqa: E731
     args = (
-        x, weight, bias if bias is not None else y, z_bias if z_bias is not None else y, b0, b1, y, z_view,
-        *geometry, *_strides(x), *_strides(b0), *_strides(b1), *_strides(y), *_strides(z_view),
-        *[float(v) for v in coefficients], *[float(v) for v in bound_modifiers])
-    flags = dict(
-        NEED_Y=not parts_hold_y, NEED_PP=need_pp, NEED_PN=need_pn, NEED_NP=need_np, NEED_NN=need_nn,
-        Y_FROM_PARTS=parts_hold_y, HAS_B0=bound0 is not None, HAS_B1=bound1 is not None,
-        HAS_BIAS=bias is not None, HAS_ZBIAS=z_bias is not None, WRITE_Z=z is not None, GROUPS_Z=groups_z,
-        PREC=_precision(x.dtype, allow_tf32))
+        x, packed, bias if bias is not None else y, z_bias if z_bias is not None else y, b0, b1, y, z_view,
+        n, c, d, h, w, o, od, oh, ow, cg, og, packed.shape[3], packed[0].numel(),
+        *_strides(x), *_strides(b0), *_strides(b1), *_strides(y), *_strides(z_view),
+        *[float(v) for v in coefficients])
+    slots = {f"SLOT_{name.upper().replace('+', 'P').replace('-', 'N')}": variants.index(name) if name in variants
+             else 0 for name in WEIGHT_VARIANTS}
+    geometry = dict(zip(("SD", "SH", "SW", "PD", "PH", "PW", "DD", "DH", "DW"), (*stride, *padding, *dilation)))
+    flags.update(
+        KD=kd, KH=kh, KW=kw, **geometry, EVEN_C=cg % _MAX_BK == 0, **slots,
+        NONNEGATIVE=bool(nonnegative_input) and not (flags["NEED_NP"] or flags["NEED_NN"]), HAS_BIAS=bias is not None,
+        HAS_ZBIAS=z_bias is not None, WRITE_Z=z is not None, GROUPS_Z=groups_z, PREC=_precision(x.dtype, allow_tf32))
     _launch(_lrp_forward_kernel, grid, args, flags, wrap)
 
 

@@ -152,23 +152,20 @@ _FP = ("FADD", "FMUL", "FFMA", "FSEL", "FSETP", "FMNMX", "F2FP", "HMNMX2", "HADD
 _MMA = ("HGMMA", "HMMA")
 
 
-def k_loop(sass: str) -> dict | None:
-    """The instruction mix of the largest loop (a backward branch) holding tensor-core instructions:
-    one K step of a GEMM kernel, for every warp of the program."""
-    rows = _instructions(sass)
+def _loops(rows):
+    """[(start, end)] row ranges of the loops: a branch back to an earlier label."""
     where = {label: i for i, (label, text) in enumerate(rows) if label is not None}
-    body = None
+    loops = []
     for i, (_, text) in enumerate(rows):
         if not text:
             continue
         m = re.search(r"\bBRA\s+(?:`?\(?\.?)?(L\w+|0x[0-9a-f]+)", text)
-        if not m or m.group(1) not in where or where[m.group(1)] >= i:
-            continue
-        candidate = [t for _, t in rows[where[m.group(1)]:i + 1] if t]
-        if any(_opcode(t) in _MMA for t in candidate) and (body is None or len(candidate) > len(body)):
-            body = candidate
-    if body is None:
-        return None
+        if m and m.group(1) in where and where[m.group(1)] < i:
+            loops.append((where[m.group(1)], i))
+    return loops
+
+
+def _mix(body) -> dict:
     ops = Counter(_opcode(t) for t in body)
     shapes = Counter()
     for t in body:
@@ -191,6 +188,31 @@ def k_loop(sass: str) -> dict | None:
     }
 
 
+def k_loop(sass: str) -> dict | None:
+    """The instruction mix of the K loop: the largest innermost loop (a backward branch with no loop
+    inside) holding tensor-core instructions, i.e. one K step of a GEMM kernel for every warp of the
+    program. Where a loop encloses it (the forward kernel's tap loop), ``per_outer`` is what that loop
+    adds once per iteration around the K loop (index and mask set-up, the pipeline's prologue)."""
+    rows = _instructions(sass)
+    texts = [t for _, t in rows]
+
+    def body(loop):
+        return [t for t in texts[loop[0]:loop[1] + 1] if t]
+
+    with_mma = [lp for lp in _loops(rows) if any(_opcode(t) in _MMA for t in body(lp))]
+    innermost = [lp for lp in with_mma if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in with_mma)]
+    if not innermost:
+        return None
+    inner = max(innermost, key=lambda lp: len(body(lp)))
+    result = _mix(body(inner))
+    around = [o for o in with_mma if o != inner and o[0] <= inner[0] and inner[1] <= o[1]]
+    if around:
+        outer = min(around, key=lambda lp: lp[1] - lp[0])
+        result["per_outer"] = _mix(body(outer))
+        result["per_outer"]["instructions"] -= result["instructions"]
+    return result
+
+
 def issue_over_mma(loop: dict, num_warps: int, arch: int, precision: str) -> dict | None:
     """Per K step of one program: the clocks to issue every warp's loop body (4 warp instructions
     per clock per SM) over the clocks the tensor cores need for the loop's multiply-adds. Above 1,
@@ -203,5 +225,8 @@ def issue_over_mma(loop: dict, num_warps: int, arch: int, precision: str) -> dic
         macs += macs_one * n * issuers
     mma_clk = macs / MAC_PER_CLK_SM[(arch, precision)]
     issue_clk = loop["instructions"] * num_warps / 4
-    return {"macs": macs, "mma_clk": round(mma_clk, 1), "issue_clk": round(issue_clk, 1),
-            "issue_over_mma": round(issue_clk / mma_clk, 2)}
+    out = {"macs": macs, "mma_clk": round(mma_clk, 1), "issue_clk": round(issue_clk, 1),
+           "issue_over_mma": round(issue_clk / mma_clk, 2)}
+    if "per_outer" in loop:  # issue clocks the enclosing (tap) loop adds per iteration
+        out["outer_issue_clk"] = round(loop["per_outer"]["instructions"] * num_warps / 4, 1)
+    return out

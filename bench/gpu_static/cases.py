@@ -129,9 +129,11 @@ def affine_launches(layer: Layer, rule_name: str, nonnegative: bool, dtype, allo
     stride, padding = [1] * pad + list(layer.stride), [0] * pad + list(layer.padding)
     dilation = [1, 1, 1]
     capture = Capture()
-    affine_lrp.launch_forward(_5d(x), _5d(weight), bias, spec.z_bias, b0, b1, _5d(y), None if z is None else _5d(z),
-                              spec.coefficients, spec.bound_modifiers, groups_z, nonnegative, stride, padding,
-                              dilation, 1, allow_tf32=allow_tf32, wrap=capture)
+    variants, _ = affine_lrp.forward_plan(spec.coefficients, nonnegative, b0 is not None, b1 is not None)
+    packed = affine_lrp.pack_weights(_5d(weight), 1, variants, spec.bound_modifiers)
+    affine_lrp.launch_forward(_5d(x), _5d(weight), packed, bias, spec.z_bias, b0, b1, _5d(y),
+                              None if z is None else _5d(z), spec.coefficients, spec.bound_modifiers, groups_z,
+                              nonnegative, stride, padding, dilation, 1, allow_tf32=allow_tf32, wrap=capture)
     z_rel = y if z is None else z
     affine_lrp.launch_relevance(_5d(x), _5d(weight), _5d(y), _5d(z_rel), _5d(y), b0, b1, _5d(torch.empty_like(x)),
                                 spec.coefficients, spec.bound_modifiers, spec.group_coefficients, spec.group_masks,

@@ -55,11 +55,13 @@ def compile_task(task: dict) -> dict:
         if task["kernel"] == "pool":
             kernel, _, args, kwargs = dict(cases.pool_launches(dtype))[task["variant"]]
         else:
-            layer, rule, nonneg = task["variant"].split("/")
+            layer, rule, nonneg, *layout = task["variant"].split("/")
             launches = cases.affine_launches(cases.representative_layers()[layer], rule, nonneg == "nn1", dtype,
-                                             task["tf32"])
+                                             task["tf32"], channels_last=layout == ["cl"])
             kernel, _, args, kwargs = launches[0 if task["kernel"] == "forward" else 1]
-            rec["launched"] = cases.launched_by_engine(cases.representative_layers()[layer])
+            # on CUDA the relevance op never launches the fused relevance kernel (docs/gpu.md): reported only
+            rec["launched"] = (task["kernel"] == "forward"
+                               and cases.launched_by_engine(cases.representative_layers()[layer]))
             config = _configs()[task["config"]]
             rec["tile"] = config.all_kwargs()
         compiled, info = aot.compile_one(kernel, args, kwargs, config, task["arch"])
@@ -74,7 +76,9 @@ def compile_task(task: dict) -> dict:
     return rec
 
 
-def tasks(archs, dtypes, variants, configs, tf32: bool, pools: bool):
+def tasks(archs, dtypes, variants, configs, tf32: bool, pools: bool, kernels=("forward", "relevance"),
+          layouts=("",)):
+    """``layouts``: "" (contiguous) and/or "cl" (channels-last), appended to the variant's name."""
     out = []
     for arch in archs:
         for dtype in dtypes:
@@ -83,9 +87,9 @@ def tasks(archs, dtypes, variants, configs, tf32: bool, pools: bool):
                 out += [dict(base, kernel="pool", variant=name) for name in
                         ("maxpool_share", "maxpool_inputs", "adaptive_share", "adaptive_inputs", "sum2")]
             for layer, rule, nonneg in variants:
-                for which in ("forward", "relevance"):
-                    out += [dict(base, kernel=which, variant=f"{layer}/{rule}/nn{int(nonneg)}", config=c)
-                            for c in configs]
+                for layout in layouts:
+                    name = f"{layer}/{rule}/nn{int(nonneg)}" + (f"/{layout}" if layout else "")
+                    out += [dict(base, kernel=which, variant=name, config=c) for which in kernels for c in configs]
     return out
 
 
@@ -125,18 +129,18 @@ def _choice(r) -> str:
     if r["kernel"] == "pool":
         return ""
     if not r.get("launched", True):
-        return "native layer"
+        return "not launched" if r["kernel"] == "relevance" else "native layer"
     return "yes" if r.get("choosable") else "no"
 
 
 def report_md(records) -> str:
     """Registers, local (spill) bytes, shared memory and the K loop's issue/MMA per compile."""
     lines = ["| target | dtype | kernel | variant | config | regs | local B | smem B | choosable | "
-             "K-loop instr | MMA instr | issue/MMA |", "|" + "---|" * 12]
+             "K-loop instr | MMA instr | issue/MMA | tap-loop issue clk |", "|" + "---|" * 13]
     for r in records:
         if r["status"] != "ok":
             lines.append(f"| sm_{r['arch']} | {r['dtype']} | {r['kernel']} | {r['variant']} | {r.get('config', '')} "
-                         f"| error | | | | | | |")
+                         f"| error | | | | | | | |")
             continue
         loop, est = r.get("k_loop") or {}, r.get("estimate") or {}
         tile = r.get("tile")
@@ -145,7 +149,8 @@ def report_md(records) -> str:
         lines.append(f"| sm_{r['arch']} | {r['dtype']}{'-tf32' if r.get('tf32') else ''} | {r['kernel']} | "
                      f"{r['variant']} | {cfg} | {r['regs']} | {r['local_bytes']} | {r['shared_bytes']} | "
                      f"{_choice(r)} | "
-                     f"{loop.get('instructions', '')} | {loop.get('mma', '')} | {est.get('issue_over_mma', '')} |")
+                     f"{loop.get('instructions', '')} | {loop.get('mma', '')} | {est.get('issue_over_mma', '')} | "
+                     f"{est.get('outer_issue_clk', '')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -164,6 +169,9 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", type=int, nargs="+", default=None, help="config indices (default: all)")
     ap.add_argument("--model-set", action="store_true", help="the variants the performance model needs "
                     "(cases.MODEL_VARIANTS) instead of cases.VARIANTS")
+    ap.add_argument("--kernels", nargs="+", default=["forward", "relevance"], choices=["forward", "relevance"],
+                    help="which affine kernels (the relevance kernel is not launched on CUDA: reported only)")
+    ap.add_argument("--layouts", nargs="+", default=["contiguous"], choices=["contiguous", "channels_last"])
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--log", default=None, help="JSON-lines file each record is appended to as it completes; "
                     "records already there are not compiled again")
@@ -178,8 +186,9 @@ def main(argv=None) -> int:
         variants = cases.MODEL_VARIANTS if a.model_set else cases.VARIANTS
         variants = variants if a.only is None else [v for v in variants if a.only in "/".join(map(str, v))]
         configs = a.configs if a.configs is not None else list(range(len(affine_lrp.CONFIG_SHAPES)))
+        layouts = ["cl" if layout == "channels_last" else "" for layout in a.layouts]
         plan = tasks(a.arch or [90, 80], a.dtype or ["bfloat16", "float16", "float32"], variants, configs, not a.ieee,
-                     a.only is None and not a.model_set)
+                     a.only is None and not a.model_set, a.kernels, layouts)
     start = time.time()
     done = {}
     if a.log and Path(a.log).exists():

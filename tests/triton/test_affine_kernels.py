@@ -202,26 +202,24 @@ def test_dense_relevance_pass_takes_the_fused_forwards_z(rule, nonnegative, pois
     assert relative_error(got, expected) < FLOAT32_RTOL * 10
 
 
-@pytest.mark.parametrize("rule", [rules.Epsilon(0.25), rules.ZPlus(), rules.Gamma(0.25)],
+@pytest.mark.parametrize("rule", [rules.Epsilon(0.25), rules.ZPlus(), rules.Gamma(0.25), rules.AlphaBeta(2, 1)],
                          ids=lambda r: type(r).__name__)
-def test_dense_relevance_pass_on_grouped_convs_where_z_layouts_agree(rule, poisoned):
-    """Native interleaves a grouped layer's rule groups per conv group; the dense pass takes the fused z only
-    where that is the same layout (one rule group), and the backend keeps the fused kernel elsewhere."""
+def test_dense_relevance_pass_on_grouped_convs(rule, poisoned):
+    """Native orders a grouped layer's z (conv group, rule group, channel), the fused forward kernel (rule
+    group, conv group, channel): the backend regroups z (native_z_layout) before the dense pass, so grouped
+    Gamma and AlphaBeta layers take it too instead of a Triton relevance GEMM."""
     from fastlrp import ops
     from fastlrp.backends.native import BlockRule
-    from fastlrp.backends.triton import z_layouts_agree
-    op = AffineOp("conv", 2, (1, 1), (1, 1), (1, 1), 2)
-    form = rule.form()
-    if not z_layouts_agree(op, form):
-        assert len(form.groups) > 1
-        return
+    from fastlrp.backends.triton import native_z_layout
     if not ops.native_supports(torch.device(DEVICE), torch.float32):
         pytest.skip("the native kernels are not built here")
-    x, w = torch.randn(2, 4, 6, 5, device=DEVICE), torch.randn(6, 2, 3, 3, device=DEVICE)
+    op = AffineOp("conv", 2, (1, 1), (1, 1), (1, 1), 2)
+    form = rule.form()
+    x, w = channels_last(torch.randn(2, 4, 6, 5, device=DEVICE)), torch.randn(6, 2, 3, 3, device=DEVICE)
     b = torch.randn(6, device=DEVICE)
     kernel_rule = TritonLinearRule(op, form, w, b, False)
     y, z = kernel_rule.forward(x)
     R = torch.randn_like(y)
-    got = BlockRule(op, form, w, b).relevance(x, z, y, R)
+    got = BlockRule(op, form, w, b).relevance(x, native_z_layout(z, kernel_rule), y, R)
     expected = _oracle(rule, op, x.double(), w.double(), b.double(), R.double())
     assert relative_error(got, expected) < FLOAT32_RTOL * 10

@@ -27,8 +27,10 @@ def test_opcheck_every_op():
     w, b = torch.randn(3, 5, device=DEVICE), torch.randn(3, device=DEVICE)
     coef = [0.0, 1.0, 0.0, 0.0, 1.0] + [0.0] * 5  # ZPlus
     geometry = ([], [], [], 1)
-    forward_args = (x, w, b, b.clamp(min=0), None, None, coef, [0.0] * 8, 1, True, False, *geometry)
+    forward_args = (x, w, None, b, b.clamp(min=0), None, None, coef, [0.0] * 8, 1, True, False, *geometry)
     opcheck(torch.ops.fastlrp.triton_affine_forward, forward_args)
+    packed = triton_ops.pack_forward_weights(w, coef, [0.0] * 8, [], False, 1)
+    opcheck(torch.ops.fastlrp.triton_affine_forward, (x, w, packed) + forward_args[3:])
     y, z = torch.ops.fastlrp.triton_affine_forward(*forward_args)
     opcheck(torch.ops.fastlrp.triton_affine_relevance,
                           (x, w, torch.randn_like(y), z, y, None, None, coef, [0.0] * 8, [1.0], [0], 1e-6, *geometry))

@@ -9,7 +9,6 @@ NP = f(x-; W+), NN = f(x-; W-); up to two sample-free bound products f(b_j; a W+
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +94,10 @@ class TritonLinearRule:
         conv = op.kind == "conv"
         self.geometry = (list(op.stride) if conv else [], list(op.padding) if conv else [],
                          list(op.dilation) if conv else [], op.groups if conv else 1)
+        # the forward kernel's weights (W, W+, W-, bound weights as the rule needs them), packed once
+        self.packed_weight = None if self.spec is None else triton_ops.pack_forward_weights(
+            self.weight, self.spec.coefficients, self.spec.bound_modifiers, self.spec.bounds, nonnegative_input,
+            self.geometry[3])
 
     def bounds(self, x):
         return [torch.ones(1, dtype=x.dtype, device=x.device).expand(x.shape) if name == "ones"
@@ -107,7 +110,8 @@ class TritonLinearRule:
                                          spec.bound_modifiers, len(spec.group_coefficients),
                                          write_z=not spec.z_is_output, nonnegative_input=self.nonnegative_input,
                                          stride=self.geometry[0], padding=self.geometry[1],
-                                         dilation=self.geometry[2], groups=self.geometry[3])
+                                         dilation=self.geometry[2], groups=self.geometry[3],
+                                         packed_weight=self.packed_weight)
         return y, (y if spec.z_is_output else z)
 
     def relevance(self, x, z, y, relevance):
@@ -120,7 +124,8 @@ class TritonLinearRule:
 class TritonAffineFunction(torch.autograd.Function):
     """forward: output and z in one fused kernel; backward: the dense relevance pass (``dense``, the native
     block rule: one element-wise division kernel, the transposed convolution by cuDNN/cuBLAS, one combining
-    kernel) where given, else the fused relevance kernel."""
+    kernel) where given, else the relevance op (the fused kernel under the interpreter; on CUDA its torch
+    formulas around cuDNN's transposed convolution, never the fused kernel)."""
 
     @staticmethod
     def forward(ctx, kernel_rule, dense, x):
@@ -132,26 +137,29 @@ class TritonAffineFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, relevance):
         x, z, y = ctx.saved_tensors
-        if ctx.dense is not None:  # z holds the same groups, in the same channel order, as the block's own z
+        if ctx.dense is not None:
+            z = native_z_layout(z, ctx.kernel_rule)
             return None, None, ctx.dense.relevance(x, z, y, relevance)
         return None, None, ctx.kernel_rule.relevance(x, z, y, relevance)  # any strides, also expanded ones
 
 
-def z_layouts_agree(op: AffineOp, form: LinearForm) -> bool:
-    """Whether the fused forward kernel's z (rule group g at channels g*O .. (g+1)*O) is the native block's
-    z: always for one rule group; for several only without conv groups (native interleaves them per conv
-    group there, so a grouped Gamma or AlphaBeta layer keeps the fused relevance kernel)."""
-    return len(form.groups) == 1 or op.kind != "conv" or op.groups == 1
+def native_z_layout(z: torch.Tensor, kernel_rule: "TritonLinearRule") -> torch.Tensor:
+    """The fused forward kernel's z (rule group r at channels r*O .. (r+1)*O) in the native block's channel
+    order: the same for one rule group or one conv group; a grouped layer with two rule groups (Gamma,
+    AlphaBeta) is ordered (conv group, rule group, channel) there, so z is regrouped (one copy of z)."""
+    rule_groups, conv_groups = len(kernel_rule.spec.group_coefficients), kernel_rule.geometry[3]
+    if kernel_rule.spec.z_is_output or rule_groups == 1 or conv_groups == 1:
+        return z
+    split = z.unflatten(1, (rule_groups, conv_groups, -1)).transpose(1, 2)
+    return split.flatten(1, 3).contiguous(memory_format=_memory_format(z))
 
 
-def relevance_mode() -> str:
-    """``FASTLRP_TRITON_RELEVANCE``: ``dense`` (default: on CUDA, the relevance pass as element-wise kernels
-    around a cuDNN/cuBLAS transposed convolution wherever the native path takes the layer) or ``fused``
-    (always the fused implicit-GEMM relevance kernel)."""
-    mode = os.environ.get("FASTLRP_TRITON_RELEVANCE", "dense")
-    if mode not in ("dense", "fused"):
-        raise ValueError(f"FASTLRP_TRITON_RELEVANCE must be 'dense' or 'fused', got {mode!r}")
-    return mode
+def _memory_format(t: torch.Tensor):
+    if t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if t.ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def shape_key(layer, x: torch.Tensor, weight: torch.Tensor) -> str:
@@ -202,13 +210,11 @@ class TritonBackend(Backend):
         return TritonAffineFunction.apply(self.kernel_rule(layer), self.dense_rule(layer, inputs), inputs[0])
 
     def dense_rule(self, layer, inputs):
-        """The native block rule that runs the relevance pass, or None for the fused kernel. The fused
-        kernel redoes the division and masks for every (row, tap) of every column tile inside its K loop,
-        which bounds it by instruction issue, not the tensor cores (docs/gpu.md, "Static performance model");
-        the dense pass does that work once per element."""
-        if inputs[0].device.type != "cuda" or relevance_mode() != "dense" or not self.fallback.supports(layer, inputs):
-            return None
-        if not z_layouts_agree(layer.op, layer.form(merge_positive=False)):
+        """The native block rule that runs the relevance pass on CUDA, or None: the relevance op then runs
+        (its torch formulas on CUDA, the fused kernel under the interpreter). The fused kernel redoes the
+        division and masks for every (row, tap) of every column tile inside its K loop, which bounds it by
+        instruction issue, not the tensor cores (docs/gpu.md); the dense pass does that work once per element."""
+        if inputs[0].device.type != "cuda" or not self.fallback.supports(layer, inputs):
             return None
         return self.fallback.block(layer)
 

@@ -136,7 +136,8 @@ def _forward_outputs(x, weight, groups_z, write_z, stride, padding, dilation):
 
 
 @triton_op("fastlrp::triton_affine_forward", mutates_args=())
-def _affine_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], z_bias: Optional[Tensor],
+def _affine_forward(x: Tensor, weight: Tensor, packed_weight: Optional[Tensor], bias: Optional[Tensor],
+                    z_bias: Optional[Tensor],
                     bound0: Optional[Tensor], bound1: Optional[Tensor], coefficients: list[float],
                     bound_modifiers: list[float], groups_z: int, write_z: bool, nonnegative_input: bool,
                     stride: list[int], padding: list[int], dilation: list[int], groups: int) -> tuple[Tensor, Tensor]:
@@ -148,8 +149,12 @@ def _affine_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], z_bias: O
         if write_z:
             z.copy_(z_ref)
         return y, z
-    _KERNELS[0].launch_forward(
-        _as_5d(x), _as_5d(weight), bias, z_bias, None if bound0 is None else _as_5d(bound0),
+    affine = _KERNELS[0]
+    if packed_weight is None:
+        packed_weight = affine.pack_weights(_as_5d(weight), groups, forward_variants(
+            coefficients, nonnegative_input, bound0 is not None, bound1 is not None), bound_modifiers)
+    affine.launch_forward(
+        _as_5d(x), _as_5d(weight), packed_weight, bias, z_bias, None if bound0 is None else _as_5d(bound0),
         None if bound1 is None else _as_5d(bound1), _as_5d(y), _as_5d(z) if write_z else None, coefficients,
         bound_modifiers, groups_z, nonnegative_input, _pad3(stride, 1), _pad3(padding, 0), _pad3(dilation, 1),
         groups, allow_tf32=allow_tf32(x.device, "conv" if x.ndim > 2 else "linear"), wrap=wrap_triton)
@@ -162,8 +167,11 @@ def _affine_relevance(x: Tensor, weight: Tensor, relevance: Tensor, z: Tensor, y
                       group_coefficients: list[float], group_masks: list[int], epsilon: float, stride: list[int],
                       padding: list[int], dilation: list[int], groups: int) -> Tensor:
     out = _like_layout(x.shape, x)
-    if not triton_supports(x.device, x.dtype) or not int32_addressable(x, weight, relevance, z, y, bound0, bound1,
-                                                                       out):
+    # On CUDA the fused relevance kernel is never launched: its K loop redoes the division and masks per
+    # (row, tap) and is bound by instruction issue at 8-64x its tensor-core time (docs/gpu.md). The torch
+    # formulas run the same pass as element-wise ops around cuDNN's transposed convolution.
+    if (x.device.type == "cuda" or not triton_supports(x.device, x.dtype)
+            or not int32_addressable(x, weight, relevance, z, y, bound0, bound1, out)):
         out.copy_(relevance_torch(x, weight, relevance, z, y, bound0, bound1, coefficients, bound_modifiers,
                                    group_coefficients, group_masks, epsilon, stride, padding, dilation, groups))
         return out
@@ -179,7 +187,7 @@ def _affine_relevance(x: Tensor, weight: Tensor, relevance: Tensor, z: Tensor, y
 # Explicit fakes: the default fake of a triton_op runs its body, which under TRITON_INTERPRET=1
 # would hand fake tensors to the interpreter.
 @_affine_forward.register_fake
-def _(x, weight, bias, z_bias, bound0, bound1, coefficients, bound_modifiers, groups_z, write_z,
+def _(x, weight, packed_weight, bias, z_bias, bound0, bound1, coefficients, bound_modifiers, groups_z, write_z,
       nonnegative_input, stride, padding, dilation, groups):
     return _forward_outputs(x, weight, groups_z, write_z, stride, padding, dilation)
 
@@ -226,27 +234,53 @@ def _check_rule_numbers(coefficients, bound_modifiers, groups_z, op):
         raise ValueError(f"fastlrp.ops.{op}: 1 or 2 denominator groups supported, got {groups_z}")
 
 
+def forward_variants(coefficients, nonnegative_input: bool, has_bound0: bool, has_bound1: bool) -> list:
+    """The weight variants (W, W+, W-, M_0, M_1) the forward kernel reads for this rule, in pack order."""
+    return _KERNELS[0].forward_plan(coefficients, nonnegative_input, has_bound0, has_bound1)[0]
+
+
+def pack_forward_weights(weight: Tensor, coefficients: Sequence[float], bound_modifiers: Sequence[float],
+                         bounds: Sequence, nonnegative_input: bool, groups: int) -> Tensor | None:
+    """The forward kernel's packed weights (``kernels.affine_lrp.pack_weights``) for a rule, built once per
+    layer and handed to ``affine_forward``; None where Triton is missing."""
+    if _KERNELS is None:
+        return None
+    bound0, bound1 = (list(bounds) + [None, None])[:2]
+    variants = forward_variants([float(c) for c in coefficients], nonnegative_input, bound0 is not None,
+                                bound1 is not None)
+    return _KERNELS[0].pack_weights(_as_5d(weight.detach()), groups, variants, [float(m) for m in bound_modifiers])
+
+
 def affine_forward(x: Tensor, weight: Tensor, bias: Tensor | None, z_bias: Tensor | None, bounds: Sequence,
                    coefficients: Sequence[float], bound_modifiers: Sequence[float], groups_z: int,
                    write_z: bool = True, nonnegative_input: bool = False, stride=(), padding=(), dilation=(),
-                   groups: int = 1):
+                   groups: int = 1, packed_weight: Tensor | None = None):
     """(y, z): the layer output f(x; W, b) and every z_g stacked along channels, in one pass.
 
     ``bounds``: up to two tensors broadcast to x (ones, ZBox bounds) or None; ``write_z=False``
-    when z_0 is y itself (z is then an empty tensor)."""
+    when z_0 is y itself (z is then an empty tensor); ``packed_weight``: ``pack_forward_weights`` of the
+    same arguments, else packed per call."""
     op = "affine_forward"
     _check_tensor(x, "x", op)
     _check_tensor(weight, "weight", op, x, "x")
     _check_geometry(x, weight, stride, padding, dilation, groups, op)
     _check_rule_numbers(coefficients, bound_modifiers, groups_z, op)
     bound0, bound1 = (list(bounds) + [None, None])[:2]
+    if packed_weight is not None and _KERNELS is not None:
+        _check_tensor(packed_weight, "packed_weight", op, x, "x")
+        variants = forward_variants([float(c) for c in coefficients], bool(nonnegative_input), bound0 is not None,
+                                    bound1 is not None)
+        expected = _KERNELS[0].packed_shape(_as_5d(weight).shape, int(groups), variants)
+        if tuple(packed_weight.shape) != expected or not packed_weight.is_contiguous():
+            raise ValueError(f"fastlrp.ops.{op}: packed_weight must be contiguous of shape {expected} "
+                             f"(pack_forward_weights of these arguments), got {tuple(packed_weight.shape)}")
     for name, t, size in (("bias", bias, weight.shape[0]), ("z_bias", z_bias, weight.shape[0] * groups_z)):
         if t is not None:
             _check_tensor(t, name, op, x, "x")
             if tuple(t.shape) != (size,):
                 raise ValueError(f"fastlrp.ops.{op}: {name} must have shape ({size},), got {tuple(t.shape)}")
     bound0, bound1 = (_checked_bound(b, f"bounds[{k}]", x, op) for k, b in enumerate((bound0, bound1)))
-    return _affine_forward(x, weight, bias, z_bias, bound0, bound1, [float(c) for c in coefficients],
+    return _affine_forward(x, weight, packed_weight, bias, z_bias, bound0, bound1, [float(c) for c in coefficients],
                            [float(m) for m in bound_modifiers], int(groups_z), bool(write_z), bool(nonnegative_input),
                            [int(v) for v in stride], [int(v) for v in padding], [int(v) for v in dilation], int(groups))
 
