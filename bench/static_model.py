@@ -132,9 +132,11 @@ def layer_times(layer, rule, nonneg, gpu, precision, elem, sass):
     options = sass.get((rep, rule, nonneg)) if sass else None
     fused = None
     if options and worthwhile:
-        fused = {which: _triton_kernel_s(options[which], which, layer, gpu, elem) for which in ("forward", "relevance")}
-    # before the redesign: both passes as fused implicit GEMMs; after: the fused forward, the dense relevance
-    t["triton_fused"] = None if fused is None else fused["forward"] + fused["relevance"]
+        fused = {which: _triton_kernel_s(options[which], which, layer, gpu, elem) if options[which] else None
+                 for which in ("forward", "relevance")}
+    # both passes as fused implicit GEMMs (where the SASS has the relevance kernel); the Triton backend: the
+    # fused forward kernel and the dense relevance pass
+    t["triton_fused"] = None if fused is None or fused["relevance"] is None else fused["forward"] + fused["relevance"]
     t["triton_fused_forward"] = None if fused is None else fused["forward"]
     after = None if fused is None else fused["forward"] + dense_relevance
     t["triton_backend"] = t["native"] if after is None else min(t["native"], after)
@@ -158,15 +160,21 @@ def _triton_kernel_s(configs, which, layer, gpu, elem):
     best = None
     for rec in configs:
         tile, est = rec["tile"], rec["estimate"]
-        steps = math.ceil(rows / tile["BM"]) * math.ceil(cols / tile["BN"]) * math.ceil(k / tile["BK"])
-        clocks = steps * max(est["issue_clk"], est["mma_clk"] / MMA_EFFICIENCY) / gpu["sms"]
+        tiles = math.ceil(rows / tile["BM"]) * math.ceil(cols / tile["BN"])
+        step = max(est["issue_clk"], est["mma_clk"] / MMA_EFFICIENCY)
+        if "outer_issue_clk" in est:  # the tap loop around the K loop: its set-up and pipeline prologue per tap
+            per_tile = kvol * (est["outer_issue_clk"] + math.ceil(c / tile["BK"]) * step)
+        else:
+            per_tile = math.ceil(k / tile["BK"]) * step
+        clocks = tiles * per_tile / gpu["sms"]
         s = max(clocks / gpu["clock_hz"], _bytes_s(n_bytes, gpu))
         best = s if best is None else min(best, s)
     return best
 
 
-def load_sass(path):
-    """{(layer kind, rule, nonneg): {"forward": [records], "relevance": [records]}} of choosable compiles."""
+def load_sass(path, layout="contiguous"):
+    """{(layer kind, rule, nonneg): {"forward": [records], "relevance": [records]}} of choosable compiles of
+    one layout (a file may hold no relevance records: the fused relevance kernel is then left out)."""
     if not path:
         return {}
     data = json.loads(Path(path).read_text())
@@ -174,18 +182,20 @@ def load_sass(path):
     for r in data["records"]:
         if r["kernel"] == "pool" or r["status"] != "ok" or not r.get("estimate") or not r.get("choosable"):
             continue
-        layer, rule, nn = r["variant"].split("/")
+        layer, rule, nn, *cl = r["variant"].split("/")
+        if (layout == "channels_last") != (cl == ["cl"]):
+            continue
         out.setdefault((layer, rule, nn == "nn1"), {"forward": [], "relevance": []})[r["kernel"]].append(r)
-    return {k: v for k, v in out.items() if v["forward"] and v["relevance"]}
+    return {k: v for k, v in out.items() if v["forward"]}
 
 
-def run(models, composites, gpu_name, dtype, sass_path):
+def run(models, composites, gpu_name, dtype, sass_path, layout="contiguous"):
     gpu = GPUS[gpu_name]
     precision = {"bfloat16": "bf16", "float16": "fp16", "float32": "tf32"}[dtype]
     elem = 4 if dtype == "float32" else 2
-    sass = load_sass(sass_path)
+    sass = load_sass(sass_path, layout)
     result = {"gpu": gpu_name, "gpu_constants": gpu, "dtype": dtype, "mma_efficiency": MMA_EFFICIENCY,
-              "bw_efficiency": BW_EFFICIENCY, "sass": sass_path, "models": {}}
+              "bw_efficiency": BW_EFFICIENCY, "sass": sass_path, "layout": layout, "models": {}}
     for name in models:
         layers, batch = model_layers(name)
         for composite in composites:
@@ -198,10 +208,12 @@ def run(models, composites, gpu_name, dtype, sass_path):
                     totals[key] += t[key]
                 # layers the kernels do not take run natively in the fused figure too
                 totals["triton_fused"] += t["triton_fused"] if t["triton_fused"] is not None else t["native"]
-                missing += t["worthwhile"] and t["triton_fused"] is None
+                missing += t["worthwhile"] and t["triton_fused_forward"] is None
                 per_layer.append(dict(kind=layer[0], x=layer[1], weight=layer[2], stride=layer[3], rule=rule,
                                       nonneg=nonneg, **{k: (round(v * 1e6, 2) if isinstance(v, float) else v)
                                                         for k, v in t.items()}))
+            if not any(layer["triton_fused"] is not None for layer in per_layer):
+                del totals["triton_fused"]  # no relevance-kernel SASS in this file
             result["models"][f"{name}/{composite}"] = {
                 "batch": batch, "layers": per_layer, "missing_sass": missing,
                 "total_us": {k: round(v * 1e6, 1) for k, v in totals.items()},
@@ -211,13 +223,14 @@ def run(models, composites, gpu_name, dtype, sass_path):
 
 
 def report_md(result) -> str:
-    lines = [f"Static model, {result['gpu']} {result['dtype']} (a model, not a measurement; docs/gpu.md): img/s of "
+    lines = [f"Static model, {result['gpu']} {result['dtype']}, {result.get('layout', 'contiguous')} layout (a model, "
+             "not a measurement; docs/gpu.md): img/s of "
              "the Conv/Linear layers' LRP; gradient = forward + input gradient of the same layers.", "",
-             "| model / composite | gradient | native | triton, fused relevance (before) | "
-             "triton backend, dense relevance (after) | layers without SASS |", "|---|---|---|---|---|---|"]
+             "| model / composite | gradient | native | triton: forward kernel + fused relevance kernel | "
+             "triton backend: forward kernel + dense relevance | layers without SASS |", "|---|---|---|---|---|---|"]
     for key, m in result["models"].items():
         ips = m["img_per_s"]
-        lines.append(f"| {key} | {ips['gradient']} | {ips['native']} | {ips['triton_fused']} | "
+        lines.append(f"| {key} | {ips['gradient']} | {ips['native']} | {ips.get('triton_fused', 'n/a')} | "
                      f"{ips['triton_backend']} | {m['missing_sass']} |")
     lines += ["", "Per layer kind (the first layer of each kind), microseconds:", "",
               "| model / composite | layer | rule | gradient | native | triton fused fwd+rel | triton fused fwd | "
@@ -242,10 +255,12 @@ def main(argv=None):
     ap.add_argument("--gpu", default="h200", choices=sorted(GPUS))
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--sass", default=None, help="JSON of bench/gpu_static/check.py with the model's variants")
+    ap.add_argument("--layout", default="contiguous", choices=["contiguous", "channels_last"],
+                    help="which layout's compiles of the SASS file stand for the layers")
     ap.add_argument("--out", default=None)
     ap.add_argument("--report", default=None)
     a = ap.parse_args(argv)
-    result = run(a.models, a.composites, a.gpu, a.dtype, a.sass)
+    result = run(a.models, a.composites, a.gpu, a.dtype, a.sass, a.layout)
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
     text = report_md(result)
