@@ -41,7 +41,8 @@ def layout(t, channels_last):
     return t
 
 
-SHAPES = [(1, 1, 1), (3, 7, 13), (2, 5, 3, 7), (1, 3, 2, 5, 3), (7, 13)]
+# (7, 13) and the size-1 spatial shapes: token rows, walked along channels (csrc/cpu channels_inner)
+SHAPES = [(1, 1, 1), (3, 7, 13), (2, 5, 3, 7), (1, 3, 2, 5, 3), (7, 13), (6, 11, 1), (4, 9, 1, 1)]
 
 
 @native

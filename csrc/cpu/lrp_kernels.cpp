@@ -18,7 +18,8 @@ inline T stabilized(T z, T eps) {
 }
 
 // The element-wise kernels walk (N, C, S) rows; when the channel dimension is the dense one
-// (channels-last), C and S swap roles so the inner loop is still unit-stride.
+// (channels-last), or there is no spatial extent (tokens and Linear outputs, (N, C) or (N*L, C)),
+// C and S swap roles so the inner loop is still a long unit-stride one, not one of length 1.
 template <typename T>
 Strided<T, 3> row_view(const View& v, bool swap) {
   auto s = as_strided<T, 3>(v);
@@ -29,7 +30,9 @@ Strided<T, 3> row_view(const View& v, bool swap) {
   return s;
 }
 
-inline bool channels_inner(const View& v) { return v.strides[2] != 1 && v.strides[1] == 1; }
+inline bool channels_inner(const View& v) {
+  return (v.strides[2] != 1 || v.sizes[2] == 1) && v.strides[1] == 1 && v.sizes[1] > 1;
+}
 
 template <typename T>
 inline T* row(const Strided<T, 3>& v, int64_t n, int64_t c) {

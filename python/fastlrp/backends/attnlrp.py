@@ -25,6 +25,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from .. import ops
 from ..reference.attention import AttnLRPMode, _carrying, _DivideGradient
 from ..reference.stabilize import stabilize
 
@@ -41,6 +42,8 @@ class _RelevanceToGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, relevance):
         (y,) = ctx.saved_tensors
+        if y.ndim >= 2 and ops.native_supports(y.device, y.dtype):  # one fused pass
+            return ops.stabilize_divide(relevance, [y], epsilon=ctx.stabilizer), None
         return relevance / stabilize(y, ctx.stabilizer), None
 
 

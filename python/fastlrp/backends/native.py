@@ -220,10 +220,10 @@ def transposed(op: AffineOp, s: torch.Tensor, weight: torch.Tensor, input_shape:
 
 
 def block_form_fits(op: AffineOp, x: torch.Tensor) -> bool:
-    """Whether a layer has the block form: Linear on (N, C), ConvNd (also grouped and depthwise)
+    """Whether a layer has the block form: Linear on (N, ..., C), ConvNd (also grouped and depthwise)
     without string padding (transposed convolutions run the reference rule)."""
     if op.kind == "linear":
-        return x.ndim == 2
+        return x.ndim >= 2  # (N, ..., C) runs as (N * ..., C)
     return op.kind == "conv" and not isinstance(op.padding, str)
 
 
@@ -249,7 +249,11 @@ class NativeBackend(Backend):
         return layer.derived(self.name, build)
 
     def forward_affine(self, layer, inputs):
-        return BlockFunction.apply(self.block(layer), layer.save_memory, inputs[0])
+        (x,) = inputs
+        if layer.op.kind == "linear" and x.ndim > 2:  # tokens: a Linear acts on the last dim only
+            flat = BlockFunction.apply(self.block(layer), layer.save_memory, x.reshape(-1, x.shape[-1]))
+            return flat.reshape(*x.shape[:-1], flat.shape[-1])
+        return BlockFunction.apply(self.block(layer), layer.save_memory, x)
 
     # ---- sums, average pooling, means
     def supports_norm(self, layer, inputs) -> bool:
