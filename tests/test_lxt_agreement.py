@@ -1,50 +1,25 @@
 """fastlrp's AttnLRP and CP-LRP against LXT 2.1 (Achtibat et al.'s implementation), in float64.
 
 LXT computes relevance as gradient x input with its rules switched into the backward pass
-(``lxt.efficient``); its patches are applied here to the layers of one model instance (the same
-functions LXT's ``monkey_patch`` puts on the classes, without touching torch's classes for the rest of
-the test session). LXT's efficient rules have no stabilizer (linear layers keep their gradient, LRP-0);
+(``lxt.efficient``); ``fastlrp.apps.benchmark.lxt`` puts its patches on the layers of one model copy
+(shared with the benchmark). LXT's efficient rules have no stabilizer (linear layers keep their gradient, LRP-0);
 fastlrp stabilizes each rule with epsilon = 1e-6 by default, so the comparison sets epsilon and the
 stabilizer to 1e-12: that is the one convention between the two, pinned by
 ``test_default_stabilizer_is_the_only_difference``.
 """
 
-import copy
-import importlib
-import importlib.util
-import sys
-import types
-from pathlib import Path
-from unittest import mock
-
 import pytest
 import torch
 import torchvision
-from torch import nn
 
 import fastlrp
 
 lxt_functional = pytest.importorskip("lxt.explicit.functional", reason="LXT is not installed (pip install lxt==2.1)")
 
+from fastlrp.apps.benchmark import lxt  # noqa: E402
 
-def _lxt_efficient():
-    """(rules, patches) of lxt.efficient. Its package __init__ also imports LXT's Hugging Face patches, which
-    need transformers < 5 (transformers.modeling_attn_mask_utils); the two modules used here need only
-    torch, so where the package import fails they are loaded from their files under a bare package entry
-    that is removed again."""
-    try:
-        return importlib.import_module("lxt.efficient.rules"), importlib.import_module("lxt.efficient.patches")
-    except ImportError:
-        pass
-    root = Path(importlib.util.find_spec("lxt").origin).parent / "efficient"
-    with mock.patch.dict(sys.modules):
-        package = types.ModuleType("lxt.efficient")
-        package.__path__ = [str(root)]
-        sys.modules["lxt.efficient"] = package
-        return importlib.import_module("lxt.efficient.rules"), importlib.import_module("lxt.efficient.patches")
-
-
-lxt_rules, lxt_patches = _lxt_efficient()
+lxt_rules, lxt_patches = lxt.efficient_modules()
+lxt_patched, lxt_relevance, _attnlrp_attention = lxt.patched, lxt.relevance, lxt.attnlrp_attention
 
 TINY = 1e-12  # LXT's efficient rules are LRP-0: no stabilizer
 
@@ -58,36 +33,6 @@ def tiny_vit():
         model.encoder.pos_embedding.normal_()
         model.class_token.normal_()
     return model.double().eval()
-
-
-def _attnlrp_attention(self, query, key, value, *args, **kwargs):
-    """LXT's attention wrapper for HF models (``wrap_attention_forward``) on nn.MultiheadAttention: the
-    gradient into the queries and keys divided by 4, into the values by 2 (the uniform rule twice)."""
-    d = lxt_rules.divide_gradient
-    return self.original_forward(d(query, 4), d(key, 4), d(value, 2), *args, **kwargs)
-
-
-def lxt_patched(model, attention):
-    """A copy of ``model`` with LXT's ViT patches on its instances: GELU identity rule, LayerNorm with the
-    std held constant, and ``attention`` on nn.MultiheadAttention."""
-    model = copy.deepcopy(model)
-    for module in model.modules():
-        if isinstance(module, (nn.GELU, nn.MultiheadAttention)):
-            module.original_forward = module.forward
-        if isinstance(module, nn.GELU):
-            module.forward = types.MethodType(lxt_patches.non_linear_forward, module)
-        elif isinstance(module, nn.LayerNorm):
-            module.forward = types.MethodType(lxt_patches.layer_norm_forward, module)
-        elif isinstance(module, nn.MultiheadAttention):
-            module.forward = types.MethodType(attention, module)
-    return model
-
-
-def lxt_relevance(model, x, target):
-    x = x.clone().requires_grad_(True)
-    out = model(x)
-    out[:, target].sum().backward()
-    return (x * x.grad).detach()
 
 
 @pytest.mark.parametrize("backend", ["reference", "native"])
