@@ -33,15 +33,34 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# The tile shapes the autotuner may try, largest first (BM, BN, BK, warps, stages). 64x32x32 (4 warps) and
-# 32x32x32 (2 warps, 4 stages) left the list: their forward K loops issued 2.0-2.4 instructions per tensor-core
-# clock on sm_90 (bfloat16), over the target of 2, and 32x32x32 spilled in float32 (docs/gpu.md).
-CONFIG_SHAPES = ((128, 64, 32, 4, 3), (64, 64, 32, 4, 4), (128, 128, 32, 8, 3), (64, 128, 32, 4, 3),
-                 (32, 32, 16, 2, 2))
+# The tile shapes the autotuner may try (BM, BN, BK, warps, stages), in the order the untuned path prefers
+# them (the first one choosable for the kernel variant runs where nothing may be tuned). 64x64x32 first: it
+# is choosable for every variant but the four-product ones on NCHW inputs and keeps enough programs in
+# flight for small layers. 64x64x32 with 8 warps holds half the accumulators per thread: the tile for
+# Gamma/AlphaBeta on a signed input, where the 4-warp tiles spill. 64x32x32 and 32x32x32 left the list
+# (K loops over issue/MMA 2 on sm_90; 32x32x32 spilled in float32: docs/gpu.md).
+CONFIG_SHAPES = ((64, 64, 32, 4, 4), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3),
+                 (64, 64, 32, 8, 3), (32, 32, 16, 2, 2))
 # The tile that compiles without spills for every rule, dtype and target the static checks cover
-# (bench/gpu_static; 32x32x32 still spilled for Gamma in float32 on sm_80): the autotuner always has it,
-# and it runs untuned where nothing may be tuned (inside a CUDA-graph capture).
-SAFE_CONFIG = len(CONFIG_SHAPES) - 1
+# (bench/gpu_static): the last resort, where no other config is choosable. Kept last in the list.
+SAFE_SHAPE = (32, 32, 16, 2, 2)
+SAFE_CONFIG = CONFIG_SHAPES.index(SAFE_SHAPE)
+
+
+def shape_tier(shape) -> int:
+    """The autotuner tries only the lowest tier that has a choosable config (``choosable``). A K step's
+    issue time grows with the instructions each warp issues, its tensor-core time with the tile, so the
+    fewer outputs per warp, the more issue per tensor-core clock: 0 for tiles with at least 1024 outputs
+    per warp, 1 for fewer (64x64 on 8 warps), 2 for the safe tile."""
+    bm, bn, _, warps, _ = shape
+    if tuple(shape) == SAFE_SHAPE:
+        return 2
+    return 0 if bm * bn >= 1024 * warps else 1
+
+
+def config_tier(config) -> int:
+    k = config.kwargs
+    return shape_tier((k["BM"], k["BN"], k["BK"], config.num_warps, config.num_stages))
 
 
 def _configs():
@@ -65,8 +84,11 @@ _AUTOTUNE_KEY = ["N", "C", "D", "H", "W", "O", "OD", "OH", "OW", "KD", "KH", "KW
 MAX_SPILL_BYTES = 0
 
 
-def choosable(configs, resources, shared_limit: int):
-    """The configs the autotuner may pick: no spills, shared memory within ``shared_limit``.
+def choosable(configs, resources, shared_limit: int, tier=lambda config: 0):
+    """The configs the autotuner may pick: no spills, shared memory within ``shared_limit``, and of
+    those only the lowest ``tier`` (``config_tier``), so a tile whose K loop issues more instructions per
+    tensor-core clock is never benchmarked where a better one qualifies.
+    Order is kept (``untuned_config`` takes the first).
 
     ``resources(config)`` -> (spill bytes, shared bytes) of that config's compiled kernel, or None
     where it does not compile. Used at run time (the device's compile) and by the static checks
@@ -76,8 +98,17 @@ def choosable(configs, resources, shared_limit: int):
     fits = [(c, r) for c, r in stats if r is not None and r[1] <= shared_limit]
     clean = [c for c, r in fits if r[0] <= MAX_SPILL_BYTES]
     if clean:
-        return clean
+        best = min(tier(c) for c in clean)
+        return [c for c in clean if tier(c) == best]
     return [min(fits, key=lambda cr: cr[1][0])[0]] if fits else list(configs)
+
+
+def untuned_config(configs, resources, shared_limit: int, tier=lambda config: 0):
+    """The config that runs where nothing may be tuned: the first choosable one in ``configs``' order
+    (``CONFIG_SHAPES``: the preference order), the last (the safe tile) where none compiles."""
+    if all(resources(c) is None for c in configs):
+        return configs[-1]
+    return choosable(configs, resources, shared_limit, tier)[0]
 
 
 def _device_resources(jit, named_args, kwargs, config):
@@ -92,16 +123,30 @@ def _device_resources(jit, named_args, kwargs, config):
     return 4 * int(compiled.n_spills), int(compiled.metadata.shared)
 
 
+def _shared_limit():
+    from triton.runtime import driver
+    device = driver.active.get_current_device()
+    return driver.active.utils.get_device_properties(device)["max_shared_mem"]
+
+
+def _memoized(resources):
+    cache = {}
+
+    def lookup(config):
+        if id(config) not in cache:
+            cache[id(config)] = resources(config)
+        return cache[id(config)]
+    return lookup
+
+
 def _resource_pruner(kernel_name: str):
     """early_config_prune of one autotuned kernel (looked up by name: it is defined below)."""
     def prune(configs, named_args, **kwargs):
         if interpreting() or len(configs) <= 1:
             return configs
-        from triton.runtime import driver
-        device = driver.active.get_current_device()
-        limit = driver.active.utils.get_device_properties(device)["max_shared_mem"]
         jit = globals()[kernel_name].fn
-        return choosable(configs, lambda c: _device_resources(jit, named_args, kwargs, c), limit)
+        resources = _memoized(lambda c: _device_resources(jit, named_args, kwargs, c))
+        return choosable(configs, resources, _shared_limit(), config_tier)
     return prune
 
 
@@ -383,28 +428,59 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _tuned(autotuned, args, kwargs) -> bool:
-    """Whether the autotuner already holds a config for these arguments (its own key: the key names'
-    values, then the dtypes of the tensor arguments)."""
+def _tune_key(autotuned, args, kwargs) -> tuple:
+    """The autotuner's own cache key: the key names' values, then the dtypes of the tensor arguments."""
     named = {**dict(zip(autotuned.arg_names, args)), **kwargs}
     key = [named[k] for k in autotuned.keys if k in named]
     key += [str(v.dtype) for k, v in named.items() if k in autotuned.arg_names and hasattr(v, "dtype")]
-    return tuple(key) in autotuned.cache
+    return tuple(key)
+
+
+def _tuned(autotuned, args, kwargs) -> bool:
+    """Whether the autotuner already holds a config for these arguments."""
+    return _tune_key(autotuned, args, kwargs) in autotuned.cache
 
 
 def tuning_enabled() -> bool:
-    """``FASTLRP_TRITON_TUNE=0`` runs the safe tile untuned (no compile of every config per layer shape)."""
+    """``FASTLRP_TRITON_TUNE=0`` runs the first choosable config untuned (no benchmark of every config per
+    layer shape)."""
     return os.environ.get("FASTLRP_TRITON_TUNE", "1") != "0"
+
+
+_UNTUNED = {}  # (kernel, device, tuning key) -> the config untuned launches run
+
+
+def _untuned_choice(autotuned, args, kwargs):
+    """``untuned_config`` for this launch on the current device, once per key. Compiling each candidate
+    (not launching it) is allowed inside a CUDA-graph capture; where the device cannot be asked (no
+    driver), nothing compiles and the safe tile runs."""
+    configs = autotuned.configs
+    try:
+        limit, device = _shared_limit(), _current_device()
+    except Exception:  # noqa: BLE001  (no active driver)
+        return configs[-1]
+    key = (id(autotuned), device, _tune_key(autotuned, args, kwargs))
+    if key not in _UNTUNED:
+        named = dict(zip(autotuned.arg_names, args))
+        resources = _memoized(lambda c: _device_resources(autotuned.fn, named, kwargs, c))
+        _UNTUNED[key] = untuned_config(configs, resources, limit, config_tier)
+    return _UNTUNED[key]
+
+
+def _current_device():
+    from triton.runtime import driver
+    return driver.active.get_current_device()
 
 
 def _launch(autotuned, grid, args, kwargs, wrap):
     """Launch through the autotuner, except inside a CUDA-graph capture for a key it has not tuned
     (benchmarking there would record the trial launches into the graph, or fail) and where tuning is
-    off: then the safe config runs untuned."""
+    off: then the first choosable config in preference order runs untuned (``untuned_config``)."""
     kernel = autotuned
     untuned = not tuning_enabled() or (_capturing() and not _tuned(autotuned, args, kwargs))
     if len(autotuned.configs) > 1 and untuned:
-        kernel, kwargs = autotuned.fn, {**kwargs, **autotuned.configs[SAFE_CONFIG].all_kwargs()}
+        config = _untuned_choice(autotuned, args, kwargs)
+        kernel, kwargs = autotuned.fn, {**kwargs, **config.all_kwargs()}
     (kernel if wrap is None else wrap(kernel))[grid](*args, **kwargs)
 
 

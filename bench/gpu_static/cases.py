@@ -76,6 +76,7 @@ def rule_of(name: str):
 VARIANTS = [
     ("r50_conv1_7x7s2", "zbox", False), ("r50_conv1_7x7s2", "flat", False), ("r50_conv1_7x7s2", "zplus", False),
     ("r50_3x3s1_64", "zplus", True), ("r50_3x3s1_64", "gamma", True), ("r50_3x3s1_64", "gamma", False),
+    ("r50_3x3s1_64", "alphabeta", False),
     ("r50_1x1_256to64", "gamma", True), ("r50_3x3s2_128", "zplus", True), ("r50_3x3s2_128", "gamma", True),
     ("r50_ds_1x1s2_256to512", "gamma", True), ("r50_fc_2048", "epsilon", False),
     ("vgg_3x3s1_3to64", "zbox", False), ("r3d_stem_3x7x7", "zplus", False), ("r3d_3x3x3_64", "gamma", True),
@@ -85,6 +86,9 @@ VARIANTS = [
 MODEL_LAYERS = ["r50_3x3s1_64", "r50_3x3s2_128", "r50_1x1_256to64", "r50_ds_1x1s2_256to512", "r3d_3x3x3_64"]
 MODEL_VARIANTS = ([(layer, "zplus", True) for layer in MODEL_LAYERS] + [("r50_fc_2048", "epsilon", False)]
                   + [(layer, "gamma", True) for layer in MODEL_LAYERS])
+# Four products live at once (x+ and x- against W+ and W-): the register-hungry kernels, where the
+# 64x64 tiles spill and only the mid tiles remain.
+SIGNED_VARIANTS = [("r50_3x3s1_64", "gamma", False), ("r50_3x3s1_64", "alphabeta", False)]
 # The CI subset: the four-product worst case, a strided layer, a Linear.
 CI_VARIANTS = [("r50_3x3s1_64", "gamma", False), ("r50_3x3s2_128", "zplus", True), ("r50_fc_2048", "epsilon", False)]
 

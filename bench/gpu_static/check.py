@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -29,8 +30,10 @@ os.environ.pop("TRITON_INTERPRET", None)  # the kernels' config lists depend on 
 from . import aot, cases  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-CI_CONFIG = 1  # 64x64x32, 4 warps: the forward kernel's workhorse tile, besides the safe one
-ISSUE_TARGET = 2.0  # issue/MMA of a K loop the issue sets as the target (docs/gpu.md); reported, not judged
+# The CI subset's configs (indices into affine_lrp.CONFIG_SHAPES): 64x64x32 on 4 warps (the workhorse and first
+# untuned choice), on 8 warps (where the 4-warp tiles spill) and the safe tile.
+CI_CONFIGS = [0, 4, 5]
+ISSUE_TARGET = 2.0  # issue/MMA of a K loop the issue sets as the target (docs/gpu.md): a choosable config over it fails
 
 
 def precision(dtype_name: str, tf32: bool) -> str:
@@ -42,6 +45,22 @@ def _configs():
     from fastlrp.kernels import affine_lrp
     return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in affine_lrp.CONFIG_SHAPES]
+
+
+def parse_tile(text: str) -> tuple:
+    """"64x32x32w4s3" -> (64, 32, 32, 4, 3): BM x BN x BK, warps, stages."""
+    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)s(\d+)", text)
+    if not m:
+        raise SystemExit(f"--tiles: {text!r} is not BMxBNxBKwWsS (e.g. 64x32x32w4s3)")
+    return tuple(int(v) for v in m.groups())
+
+
+def use_tiles(shapes):
+    """Probe other tiles: the config list (and the weights' K padding, which follows the largest BK) become
+    ``shapes`` in this process and the compile workers it forks. Config indices then index ``shapes``."""
+    from fastlrp.kernels import affine_lrp
+    affine_lrp.CONFIG_SHAPES = tuple(shapes)
+    affine_lrp._MAX_BK = max(shape[2] for shape in shapes)
 
 
 def _id(task: dict) -> str:
@@ -97,7 +116,10 @@ def tasks(archs, dtypes, variants, configs, tf32: bool, pools: bool, kernels=("f
 
 def judge(records) -> list:
     """The failures, as lines: compile errors, ptxas warnings, and per affine kernel variant the
-    configs the run-time rule lets the autotuner choose that are over the limits (or none at all)."""
+    configs the run-time rule lets the autotuner choose (``affine_lrp.choosable``, marked ``choosable``;
+    the first of them, in the list's order, runs untuned: marked ``untuned``) that are over the limits:
+    shared memory, spills, or a K loop over the issue target (or no such config at all). Judged among
+    the configs compiled: a subset of the list is judged as if the others did not exist."""
     from fastlrp.kernels import affine_lrp
     failures = []
     for r in records:
@@ -111,9 +133,10 @@ def judge(records) -> list:
             groups.setdefault((r["arch"], r["dtype"], r["kernel"], r["variant"]), []).append(r)
     for (arch, dtype, kernel, variant), recs in sorted(groups.items()):
         by_config = {r["config"]: r for r in recs}
-        chosen = affine_lrp.choosable(sorted(by_config), lambda c: (by_config[c]["local_bytes"],
-                                                                   by_config[c]["shared_bytes"]),
-                                      aot.SMEM_LIMIT[arch])
+        resources = lambda c: (by_config[c]["local_bytes"], by_config[c]["shared_bytes"])  # noqa: E731
+        tier = lambda c: affine_lrp.shape_tier(affine_lrp.CONFIG_SHAPES[c])  # noqa: E731
+        chosen = affine_lrp.choosable(sorted(by_config), resources, aot.SMEM_LIMIT[arch], tier)
+        by_config[affine_lrp.untuned_config(sorted(by_config), resources, aot.SMEM_LIMIT[arch], tier)]["untuned"] = True
         for c in chosen:
             r = by_config[c]
             r["choosable"] = True
@@ -124,6 +147,11 @@ def judge(records) -> list:
                                 f"(sm_{arch} limit {aot.SMEM_LIMIT[arch]})")
             if r["local_bytes"] > affine_lrp.MAX_SPILL_BYTES:
                 failures.append(f"{r['id']}: no config without spills; the best spills {r['local_bytes']} B/thread")
+            ratio = (r.get("estimate") or {}).get("issue_over_mma")
+            ieee = r["dtype"] == "float32" and not r.get("tf32")  # the Triton backend runs these natively
+            if ratio is not None and ratio > ISSUE_TARGET and not ieee:
+                failures.append(f"{r['id']}: choosable with a K loop over the issue target: issue/MMA {ratio} > "
+                                f"{ISSUE_TARGET}")
     return failures
 
 
@@ -160,9 +188,9 @@ def main(argv=None) -> int:
     from fastlrp.kernels import affine_lrp
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--ci", action="store_true", help="the CI subset: the forward kernel's 64x64x32 and safe "
-                      "configs of the CI variants on sm_90 bfloat16, the safe config on sm_80 float32 (TF32), and "
-                      "the pooling kernels")
+    mode.add_argument("--ci", action="store_true", help="the CI subset: the forward kernel's 64x64x32 (4 and 8 "
+                      "warps) and safe configs of the CI variants on sm_90 bfloat16, of the signed-input Gamma on sm_80 "
+                      "float32 (TF32), and the pooling kernels")
     mode.add_argument("--full", action="store_true", help="every variant, config, dtype, and sm_80/sm_90")
     ap.add_argument("--arch", type=int, nargs="+", default=None)
     ap.add_argument("--dtype", nargs="+", default=None, choices=sorted(DTYPES))
@@ -172,6 +200,10 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", type=int, nargs="+", default=None, help="config indices (default: all)")
     ap.add_argument("--model-set", action="store_true", help="the variants the performance model needs "
                     "(cases.MODEL_VARIANTS) instead of cases.VARIANTS")
+    ap.add_argument("--signed-set", action="store_true", help="the four-product variants (cases.SIGNED_VARIANTS) "
+                    "and the Linear layer instead of cases.VARIANTS")
+    ap.add_argument("--tiles", nargs="+", default=None, metavar="BMxBNxBKwWsS",
+                    help="probe: compile these tile shapes instead of affine_lrp.CONFIG_SHAPES (e.g. 64x32x32w4s3)")
     ap.add_argument("--kernels", nargs="+", default=["forward", "relevance"], choices=["forward", "relevance"],
                     help="which affine kernels (the relevance kernel is not launched on CUDA: reported only)")
     ap.add_argument("--layouts", nargs="+", default=["contiguous"], choices=["contiguous", "channels_last"])
@@ -181,18 +213,20 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="JSON file for the records")
     ap.add_argument("--report", default=None, help="markdown table file")
     a = ap.parse_args(argv)
+    if a.tiles:
+        use_tiles([parse_tile(t) for t in a.tiles])
     if a.ci:
         # the forward kernel only: on CUDA the relevance op never launches the fused relevance kernel
-        plan = (tasks([90], ["bfloat16"], cases.CI_VARIANTS, [CI_CONFIG, affine_lrp.SAFE_CONFIG], False, True,
-                      ("forward",))
-                + tasks([80], ["float32"], cases.CI_VARIANTS[:1], [affine_lrp.SAFE_CONFIG], True, False, ("forward",)))
+        plan = (tasks([90], ["bfloat16"], cases.CI_VARIANTS, CI_CONFIGS, False, True, ("forward",))
+                + tasks([80], ["float32"], cases.CI_VARIANTS[:1], CI_CONFIGS, True, False, ("forward",)))
     else:
-        variants = cases.MODEL_VARIANTS if a.model_set else cases.VARIANTS
+        variants = (cases.MODEL_VARIANTS if a.model_set else
+                    cases.SIGNED_VARIANTS + [("r50_fc_2048", "epsilon", False)] if a.signed_set else cases.VARIANTS)
         variants = variants if a.only is None else [v for v in variants if a.only in "/".join(map(str, v))]
         configs = a.configs if a.configs is not None else list(range(len(affine_lrp.CONFIG_SHAPES)))
         layouts = ["cl" if layout == "channels_last" else "" for layout in a.layouts]
         plan = tasks(a.arch or [90, 80], a.dtype or ["bfloat16", "float16", "float32"], variants, configs, not a.ieee,
-                     a.only is None and not a.model_set, a.kernels, layouts)
+                     a.only is None and not a.model_set and not a.signed_set, a.kernels, layouts)
     start = time.time()
     done = {}
     if a.log and Path(a.log).exists():
