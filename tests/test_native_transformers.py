@@ -66,6 +66,20 @@ def add_into(x, y):
     return x
 
 
+class CausalExplicit(nn.Module):
+    """Causal attention written with matmul, a -inf mask and softmax: the softmax rule's masked logits."""
+
+    def __init__(self, width=6, length=5):
+        super().__init__()
+        self.qkv, self.head = nn.Linear(width, 3 * width), nn.Linear(width, 3)
+        self.register_buffer("mask", torch.full((length, length), float("-inf")).triu(1))
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        weights = torch.softmax(q @ k.transpose(-2, -1) + self.mask, dim=-1)
+        return self.head((weights @ v)[:, -1])
+
+
 def tiny_convnext():
     return rand_(ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=3), 0.3)
 
@@ -90,6 +104,7 @@ def tiny_mvit():
 MODELS = {
     "explicit": (lambda: rand_(Attention("explicit")), (2, 5, 6)),
     "sdpa": (lambda: rand_(Attention("sdpa")), (2, 5, 6)),
+    "explicit_causal": (lambda: rand_(CausalExplicit()), (2, 5, 6)),
     "multihead": (lambda: rand_(Attention("module")), (2, 5, 6)),
     "causal_gqa_rmsnorm": (lambda: rand_(MaskedAttention("causal")), (2, 5, 8)),
     "float_mask": (lambda: rand_(MaskedAttention("float")), (2, 5, 8)),

@@ -157,8 +157,9 @@ class _SoftmaxRelevance(torch.autograd.Function):
     @staticmethod
     def backward(ctx, relevance):
         x, s = ctx.saved_tensors
-        x = x.masked_fill(torch.isneginf(x), 0)
-        return None, x * (relevance - s * relevance.sum(ctx.dim, keepdim=True)), None
+        # x (R - s sum R) in three passes over the scores, written in place; a masked logit (-inf) gets 0
+        out = torch.addcmul(relevance, s, relevance.sum(ctx.dim, keepdim=True), value=-1).mul_(x)
+        return None, out.masked_fill_(torch.isneginf(x), 0), None
 
 
 def softmax(layer, x: torch.Tensor) -> torch.Tensor:
