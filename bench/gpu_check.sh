@@ -10,7 +10,7 @@
 # and bfloat16, every fastlrp backend plus Zennit and the gradient. Writes
 # bench/results/gpu-check-<device>-<date>.json (or --out FILE) and prints a short table last.
 # Environment: PYTHON (default .venv/bin/python, else python3), FASTLRP_TRITON_TUNE (default 0 here:
-# the Triton kernels run their safe tile untuned, since autotuning compiles every config for every
+# the Triton kernels run their first choosable config untuned, since autotuning benchmarks every config for every
 # layer shape, minutes per model; set 1 to time the autotuned kernels), STEP_TIMEOUT (seconds, 300;
 # STEP_TIMEOUT_DRY for --dry-run, 900).
 set -uo pipefail

@@ -456,14 +456,16 @@ def _untuned_choice(autotuned, args, kwargs):
     driver), nothing compiles and the safe tile runs."""
     configs = autotuned.configs
     try:
-        limit, device = _shared_limit(), _current_device()
+        device = _current_device()
+        key = (id(autotuned), device, _tune_key(autotuned, args, kwargs))
+        if key in _UNTUNED:
+            return _UNTUNED[key]
+        limit = _shared_limit()
     except Exception:  # noqa: BLE001  (no active driver)
         return configs[-1]
-    key = (id(autotuned), device, _tune_key(autotuned, args, kwargs))
-    if key not in _UNTUNED:
-        named = dict(zip(autotuned.arg_names, args))
-        resources = _memoized(lambda c: _device_resources(autotuned.fn, named, kwargs, c))
-        _UNTUNED[key] = untuned_config(configs, resources, limit, config_tier)
+    named = dict(zip(autotuned.arg_names, args))
+    resources = _memoized(lambda c: _device_resources(autotuned.fn, named, kwargs, c))
+    _UNTUNED[key] = untuned_config(configs, resources, limit, config_tier)
     return _UNTUNED[key]
 
 
