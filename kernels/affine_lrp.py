@@ -451,8 +451,10 @@ _UNTUNED = {}  # (kernel, device, tuning key) -> the config untuned launches run
 
 
 def _untuned_choice(autotuned, args, kwargs):
-    """``untuned_config`` for this launch on the current device, once per key. Compiling each candidate
-    (not launching it) is allowed inside a CUDA-graph capture; where the device cannot be asked (no
+    """``untuned_config`` for this launch on the current device, once per key, made outside a CUDA-graph
+    capture: reading a candidate's spills loads its binary, and a module load inside a capture may
+    invalidate it. A capture that meets a key with no choice made yet (no launch before the capture, which
+    torch's CUDA-graph guide asks for anyway) runs the safe tile. Where the device cannot be asked (no
     driver), nothing compiles and the safe tile runs."""
     configs = autotuned.configs
     try:
@@ -460,6 +462,8 @@ def _untuned_choice(autotuned, args, kwargs):
         key = (id(autotuned), device, _tune_key(autotuned, args, kwargs))
         if key in _UNTUNED:
             return _UNTUNED[key]
+        if _capturing():
+            return configs[-1]
         limit = _shared_limit()
     except Exception:  # noqa: BLE001  (no active driver)
         return configs[-1]

@@ -108,10 +108,20 @@ def test_untuned_launches_run_the_first_choosable_config_and_compile_each_once(m
     assert sorted(compiled) == sorted(SHAPES)  # each config compiled once for this key, none launched
     affine_lrp._launch(tuner, (1,), (x, 9), {"FLAG": True}, None)  # another key: chosen anew
     assert len(compiled) == 2 * len(SHAPES)
-    # under a capture, a key the autotuner has not tuned takes the same choice
+    # under a capture, a key the autotuner has not tuned takes the choice made before the capture ...
     monkeypatch.delenv("FASTLRP_TRITON_TUNE")
     monkeypatch.setattr(affine_lrp, "_capturing", lambda: True)
     affine_lrp._launch(tuner, (1,), (x, 7), {"FLAG": True}, None)
+    assert tuner.launched[-1] == {"FLAG": True, **w8.all_kwargs()}
+    # ... and a key first met inside the capture loads nothing (a module load may invalidate the
+    # capture): the safe tile runs, and nothing is remembered for later launches outside it
+    before = len(compiled)
+    affine_lrp._launch(tuner, (1,), (x, 11), {"FLAG": True}, None)
+    safe = next(c for c in tuner.configs if _shape(c) == SAFE)
+    assert tuner.launched[-1] == {"FLAG": True, **safe.all_kwargs()} and len(compiled) == before
+    monkeypatch.setattr(affine_lrp, "_capturing", lambda: False)
+    monkeypatch.setenv("FASTLRP_TRITON_TUNE", "0")
+    affine_lrp._launch(tuner, (1,), (x, 11), {"FLAG": True}, None)
     assert tuner.launched[-1] == {"FLAG": True, **w8.all_kwargs()}
 
 
