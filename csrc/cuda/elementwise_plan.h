@@ -9,9 +9,13 @@
 // * ChannelsFirst: otherwise (NCHW-like, broadcast bounds): the walk runs s fastest.
 // Indices are 32-bit where the walk (including the grid-stride overshoot) and every offset fit; 64-bit
 // otherwise.
+// A flat walk reads 16-byte vectors (4 float32, 2 float64, 8 float16/bfloat16 per thread and step, with a
+// scalar tail) where every base pointer is 16-byte aligned and there is at least one whole vector.
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #ifdef __CUDACC__
@@ -29,12 +33,35 @@ struct Strides3 {
   int64_t n, c, s;
 };
 
+// Why a walk reads 16-byte vectors or not (the first reason that applies).
+enum class Vectors : int { Yes = 0, NotFlat = 1, ElementSize = 2, Misaligned = 3, TooFew = 4 };
+
+inline const char* vectors_reason(Vectors v) {
+  switch (v) {
+    case Vectors::Yes: return "16-byte vectors";
+    case Vectors::NotFlat: return "not flat";
+    case Vectors::ElementSize: return "element size does not divide 16 bytes";
+    case Vectors::Misaligned: return "a base pointer is not 16-byte aligned";
+    case Vectors::TooFew: return "fewer elements than one vector";
+  }
+  return "unknown";
+}
+
 struct Plan {
   Layout layout;
   bool index32;
+  int vector;       // elements per load and store: 16 / element size with vectors, else 1
+  Vectors vectors;  // why (not)
 };
 
 constexpr int64_t kIndex32Limit = 2147483647;  // INT32_MAX
+constexpr int64_t kVectorBytes = 16;
+
+// 32-bit indices are safe where the walk's last index plus the grid-stride overshoot and the largest
+// memory offset all fit (the rule of every CUDA kernel here, pooling included).
+inline bool fits_index32(int64_t total, int64_t max_threads, int64_t last_offset) {
+  return total + max_threads <= kIndex32Limit && last_offset <= kIndex32Limit;
+}
 
 // Dense: the three strides are a permutation of (1, A, A*B) for the sizes in stride order (size-1
 // dims do not matter), so the view covers exactly N*C*S consecutive elements.
@@ -60,8 +87,14 @@ inline bool same_walk(int64_t N, int64_t C, int64_t S, const Strides3& a, const 
 }
 
 // ``max_threads``: the most threads one launch runs (grid x block), the overshoot of a grid-stride loop.
-inline Plan choose(int64_t N, int64_t C, int64_t S, const std::vector<Strides3>& views, int64_t max_threads) {
-  Plan p{Layout::ChannelsFirst, false};
+// ``element_size`` (bytes) and ``addresses`` (each view's base pointer, in the order of ``views``) decide
+// the 16-byte vectors; element_size 0 means scalar loads.
+inline Plan choose(int64_t N, int64_t C, int64_t S, const std::vector<Strides3>& views, int64_t max_threads,
+                   int64_t element_size = 0, const std::vector<uintptr_t>& addresses = {}) {
+  Plan p{Layout::ChannelsFirst, false, 1, Vectors::NotFlat};
+  if (element_size > 0 && addresses.size() != views.size())
+    throw std::invalid_argument("elementwise plan: " + std::to_string(addresses.size()) + " addresses for " +
+                                std::to_string(views.size()) + " views");
   if (views.empty()) return p;
   bool flat = true;
   int64_t last = 0;
@@ -75,7 +108,24 @@ inline Plan choose(int64_t N, int64_t C, int64_t S, const std::vector<Strides3>&
   else if (C > 1 && S > 1 && magnitude(first.c) < magnitude(first.s))
     p.layout = Layout::ChannelsLast;
   const int64_t total = N * C * S;
-  p.index32 = total + max_threads <= kIndex32Limit && last <= kIndex32Limit;
+  p.index32 = fits_index32(total, max_threads, last);
+  if (p.layout != Layout::Flat) return p;
+  if (element_size <= 0 || element_size > kVectorBytes || kVectorBytes % element_size != 0) {
+    p.vectors = Vectors::ElementSize;
+    return p;
+  }
+  for (uintptr_t a : addresses)
+    if (a % kVectorBytes != 0) {
+      p.vectors = Vectors::Misaligned;
+      return p;
+    }
+  const int width = int(kVectorBytes / element_size);
+  if (total < width) {
+    p.vectors = Vectors::TooFew;
+    return p;
+  }
+  p.vector = width;
+  p.vectors = Vectors::Yes;
   return p;
 }
 
