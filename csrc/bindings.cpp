@@ -46,11 +46,13 @@ namespace fl = fastlrp;
 // The CUDA element-wise kernels' launch plan and walk, on the host, so tests can check them without a GPU.
 using Strides = std::tuple<int64_t, int64_t, int64_t>;
 
-py::tuple elementwise_plan(int64_t N, int64_t C, int64_t S, const std::vector<Strides>& views, int64_t max_threads) {
+// (layout, 32-bit indices, elements per vector access, why vectors or not)
+py::tuple elementwise_plan(int64_t N, int64_t C, int64_t S, const std::vector<Strides>& views, int64_t max_threads,
+                           int64_t element_size, const std::vector<std::uintptr_t>& addresses) {
   std::vector<fl::plan::Strides3> v;
   for (const auto& t : views) v.push_back({std::get<0>(t), std::get<1>(t), std::get<2>(t)});
-  const fl::plan::Plan p = fl::plan::choose(N, C, S, v, max_threads);
-  return py::make_tuple(int(p.layout), p.index32);
+  const fl::plan::Plan p = fl::plan::choose(N, C, S, v, max_threads, element_size, addresses);
+  return py::make_tuple(int(p.layout), p.index32, p.vector, std::string(fl::plan::vectors_reason(p.vectors)));
 }
 
 template <fl::plan::Layout L, typename I>
@@ -62,9 +64,18 @@ std::vector<int64_t> walk(int64_t C, int64_t S, const Strides& st, const std::ve
   return out;
 }
 
+// With vector > 1 (flat only), indices are the walk's steps of ``total`` elements and each vector step
+// gives its ``vector`` offsets.
 std::vector<int64_t> elementwise_offsets(int layout, bool index32, int64_t C, int64_t S, const Strides& strides,
-                                         const std::vector<int64_t>& indices) {
+                                         const std::vector<int64_t>& indices, int vector, int64_t total) {
   using fl::plan::Layout;
+  if (vector > 1 && Layout(layout) == Layout::Flat) {
+    const int64_t steps = fl::plan::vector_steps(total, vector);
+    std::vector<int64_t> out;
+    for (int64_t j : indices)
+      for (int64_t k = 0; k < (j < steps ? vector : 1); ++k) out.push_back(j < steps ? j * vector + k : j + steps * (vector - 1));
+    return out;
+  }
   switch (Layout(layout)) {
     case Layout::Flat:
       return index32 ? walk<Layout::Flat, int32_t>(C, S, strides, indices)
@@ -260,9 +271,10 @@ PYBIND11_MODULE(_C, m) {
         "Launch a one-thread kernel on the device; True if it ran");
 #endif
   m.def("elementwise_plan", &elementwise_plan, py::arg("N"), py::arg("C"), py::arg("S"), py::arg("views"),
-        py::arg("max_threads"), "The CUDA element-wise kernels' launch plan: (layout, 32-bit indices)");
+        py::arg("max_threads"), py::arg("element_size") = 0, py::arg("addresses") = std::vector<std::uintptr_t>{},
+        "The CUDA element-wise kernels' launch plan: (layout, 32-bit indices, elements per vector access, why)");
   m.def("elementwise_offsets", &elementwise_offsets, py::arg("layout"), py::arg("index32"), py::arg("C"),
-        py::arg("S"), py::arg("strides"), py::arg("indices"),
+        py::arg("S"), py::arg("strides"), py::arg("indices"), py::arg("vector") = 1, py::arg("total") = 0,
         "Memory offsets of walk indices, as the CUDA kernels form them");
   py::register_exception<fl::TypeErrorException>(m, "KernelTypeError", PyExc_TypeError);
   m.def("stabilize_divide", &stabilize_divide, "s_g = c_g * mask_g * R / stab(z_g) for every group, one pass");

@@ -242,10 +242,17 @@ def _views(*tensors):
     return out
 
 
-def _plan(x, *tensors, max_threads=1 << 20):
+def _full_plan(x, *tensors, max_threads=1 << 20, vectors=False):
+    """(layout, index32, elements per vector access, why); with vectors, the tensors' element size and
+    base addresses as the kernels pass them."""
     n, c = x.shape[:2]
     s = x[0, 0].numel()
-    return tuple(_native._C.elementwise_plan(n, c, s, _views(x, *tensors), max_threads))
+    extra = (x.element_size(), [t.data_ptr() for t in (x, *tensors)]) if vectors else ()
+    return tuple(_native._C.elementwise_plan(n, c, s, _views(x, *tensors), max_threads, *extra))
+
+
+def _plan(x, *tensors, max_threads=1 << 20):
+    return _full_plan(x, *tensors, max_threads=max_threads)[:2]
 
 
 @needs_plan
@@ -306,6 +313,67 @@ def test_every_walk_visits_each_element_once_and_lines_views_up(walk, index32):
         first = torch.tensor(_native._C.elementwise_offsets(plan_layout, index32, c, h * w, _views(views[0])[0],
                                                             list(range(c))))
         assert torch.equal(first.diff(), torch.ones(c - 1, dtype=torch.long))
+
+
+VECTOR = {torch.float32: 4, torch.float64: 2, torch.float16: 8, torch.bfloat16: 8}  # 16 bytes each
+
+
+def _at_offset(shape, dtype, offset, memory_format=torch.contiguous_format):
+    """A dense tensor whose data starts `offset` elements into its storage (offset 1: not 16-byte aligned)."""
+    base = torch.empty(shape, dtype=dtype).contiguous(memory_format=memory_format)
+    storage = torch.empty(base.numel() + offset, dtype=dtype)
+    assert storage.data_ptr() % 16 == 0  # torch's CPU allocator aligns to at least 64 bytes
+    return storage[offset:].as_strided(base.shape, base.stride())
+
+
+@needs_plan
+@pytest.mark.parametrize("dtype", list(VECTOR))
+def test_flat_walk_reads_16_byte_vectors_where_every_pointer_is_aligned(dtype):
+    width = VECTOR[dtype]
+    x, out = (_at_offset((2, 3, 5, 7), dtype, 0) for _ in range(2))  # 210 elements: 16-byte steps and a tail
+    assert _full_plan(x, out, vectors=True) == (FLAT, True, width, "16-byte vectors")
+    cl = _at_offset((2, 3, 5, 7), dtype, 0, torch.channels_last)
+    assert _full_plan(cl, _at_offset((2, 3, 5, 7), dtype, 0, torch.channels_last), vectors=True)[2] == width
+    # one view one element off a 16-byte boundary: every view stays scalar
+    shifted = _at_offset((2, 3, 5, 7), dtype, 1)
+    assert _full_plan(x, shifted, vectors=True) == (FLAT, True, 1, "a base pointer is not 16-byte aligned")
+    assert _full_plan(shifted, x, vectors=True)[2:] == (1, "a base pointer is not 16-byte aligned")
+    # offset by a whole vector: aligned again
+    assert _full_plan(x, _at_offset((2, 3, 5, 7), dtype, width), vectors=True)[2] == width
+    # fewer elements than one vector; strided walks never read vectors
+    tiny = _at_offset((1, 1, 1, 1), dtype, 0)
+    assert _full_plan(tiny, vectors=True)[2:] == (1, "fewer elements than one vector")
+    bound = torch.zeros(1, 3, 1, 1, dtype=dtype).expand(2, 3, 5, 7)
+    assert _full_plan(cl, bound, vectors=True)[::2] == (CHANNELS_LAST, 1)
+    assert _full_plan(x, bound, vectors=True)[2:] == (1, "not flat")
+    # without an element size (the old call) the walk is scalar
+    assert _full_plan(x, out)[2:] == (1, "element size unknown or not a divisor of 16 bytes")
+
+
+@needs_plan
+def test_plan_wants_an_address_for_every_view():
+    x = torch.empty(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="1 addresses for 2 views"):
+        _native._C.elementwise_plan(2, 3, 16, _views(x, x), 1 << 20, 4, [x.data_ptr()])
+
+
+@needs_plan
+@pytest.mark.parametrize("total", [210, 8, 7, 1, 16 * 3 + 5])
+@pytest.mark.parametrize("dtype", list(VECTOR))
+def test_vector_walk_visits_each_element_once(dtype, total):
+    """The flat walk with vectors, as the kernels step it: vector steps of W aligned consecutive offsets,
+    then a scalar tail; together every element exactly once, for every count (odd counts included)."""
+    width = VECTOR[dtype]
+    x = _at_offset((1, 1, total), dtype, 0)
+    layout, index32, vector, _ = _full_plan(x, x, vectors=True)
+    assert layout == FLAT and vector == (width if total >= width else 1)
+    steps = total // vector + (total % vector if vector > 1 else 0)
+    offsets = _native._C.elementwise_offsets(layout, index32, 1, total, _views(x)[0], list(range(steps)),
+                                             vector=vector, total=total)
+    assert sorted(offsets) == list(range(total))
+    vector_offsets = offsets[:(total // vector) * vector] if vector > 1 else []
+    assert all(o % width == 0 for o in vector_offsets[::width])  # each vector starts on a 16-byte boundary
+    assert vector_offsets == list(range(len(vector_offsets)))  # consecutive within and across steps
 
 
 def test_run_time_pruning_reads_spills_and_shared_memory_of_each_configs_compile():

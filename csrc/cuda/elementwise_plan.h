@@ -40,7 +40,7 @@ inline const char* vectors_reason(Vectors v) {
   switch (v) {
     case Vectors::Yes: return "16-byte vectors";
     case Vectors::NotFlat: return "not flat";
-    case Vectors::ElementSize: return "element size does not divide 16 bytes";
+    case Vectors::ElementSize: return "element size unknown or not a divisor of 16 bytes";
     case Vectors::Misaligned: return "a base pointer is not 16-byte aligned";
     case Vectors::TooFew: return "fewer elements than one vector";
   }
@@ -128,6 +128,10 @@ inline Plan choose(int64_t N, int64_t C, int64_t S, const std::vector<Strides3>&
   p.vectors = Vectors::Yes;
   return p;
 }
+
+// A flat walk with W-element vectors: vector step j < vector_steps covers offsets [j W, j W + W) (one
+// 16-byte access per view), then one scalar step per element from vector_steps * W to total.
+template <typename I> FASTLRP_HOST_DEVICE inline I vector_steps(I total, int W) { return total / I(W); }
 
 // The memory offset of walk index i in a view (I: int32_t or int64_t, as the plan says).
 template <Layout L, typename I>

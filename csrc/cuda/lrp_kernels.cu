@@ -95,7 +95,7 @@ __device__ __forceinline__ void walk(const Shape3& sh, const Step& step) {
   const I total = I(sh.N * sh.C * sh.S);
   const I first = I(blockIdx.x) * I(blockDim.x) + I(threadIdx.x), stride = I(gridDim.x) * I(blockDim.x);
   if constexpr (L == plan::Layout::Flat) {
-    const I steps = total / I(W);
+    const I steps = plan::vector_steps(total, W);
     for (I j = first; j < steps; j += stride) step(DensePos<I, W>{j * I(W)});
     if constexpr (W > 1)
       for (I i = steps * I(W) + first; i < total; i += stride) step(DensePos<I, 1>{i});
