@@ -80,6 +80,24 @@ class CausalExplicit(nn.Module):
         return self.head((weights @ v)[:, -1])
 
 
+class MaskedMultihead(nn.Module):
+    """nn.MultiheadAttention with a boolean attention mask and a float key padding mask, or causal."""
+
+    def __init__(self, causal, width=6, length=5):
+        super().__init__()
+        self.causal = causal
+        self.mha, self.head = nn.MultiheadAttention(width, 2, batch_first=True), nn.Linear(width, 3)
+        self.register_buffer("attn_mask", torch.ones(length, length, dtype=torch.bool).triu(1))
+        self.register_buffer("padding", torch.tensor([[0.0, 0.0, 0.0, -1.5, 0.0], [0.0, -0.5, 0.0, 0.0, 0.0]]))
+
+    def forward(self, x):
+        if self.causal:
+            y = self.mha(x, x, x, attn_mask=self.attn_mask, is_causal=True, need_weights=False)[0]
+        else:
+            y = self.mha(x, x, x, attn_mask=self.attn_mask, key_padding_mask=self.padding, need_weights=False)[0]
+        return self.head(y[:, -1])
+
+
 def tiny_convnext():
     return rand_(ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=3), 0.3)
 
@@ -106,6 +124,8 @@ MODELS = {
     "sdpa": (lambda: rand_(Attention("sdpa")), (2, 5, 6)),
     "explicit_causal": (lambda: rand_(CausalExplicit()), (2, 5, 6)),
     "multihead": (lambda: rand_(Attention("module")), (2, 5, 6)),
+    "multihead_masked": (lambda: rand_(MaskedMultihead(causal=False)), (2, 5, 6)),
+    "multihead_causal": (lambda: rand_(MaskedMultihead(causal=True)), (2, 5, 6)),
     "causal_gqa_rmsnorm": (lambda: rand_(MaskedAttention("causal")), (2, 5, 8)),
     "float_mask": (lambda: rand_(MaskedAttention("float")), (2, 5, 8)),
     "bool_mask": (lambda: rand_(MaskedAttention("bool")), (2, 5, 8)),

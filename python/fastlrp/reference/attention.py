@@ -170,15 +170,18 @@ def _multi_head_attention(mode, query, key, value, embed_dim, num_heads, in_proj
     q = project(query, w_q, b_q, length)
     k = project(key, w_k, b_k, source)
     v = project(value, w_v, b_v, source)
-    mask = torch.zeros(batch, heads, length, source, dtype=q.dtype, device=q.device)
-    if attn_mask is not None:  # (L, S) or (N * heads, L, S); True means "may not attend"
-        attn_mask = attn_mask.reshape(-1, heads, length, source) if attn_mask.dim() == 3 else attn_mask
-        mask = mask.masked_fill(attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else mask + attn_mask
+    mask = None  # additive, (N, heads, L, S); None where nothing is masked (no zero mask to add)
+
+    def masked(mask, extra):  # extra: True means "may not attend", or a float added to the scores
+        mask = torch.zeros(batch, heads, length, source, dtype=q.dtype, device=q.device) if mask is None else mask
+        return mask.masked_fill(extra, float("-inf")) if extra.dtype == torch.bool else mask + extra
+
+    if attn_mask is not None:  # (L, S) or (N * heads, L, S)
+        mask = masked(mask, attn_mask.reshape(-1, heads, length, source) if attn_mask.dim() == 3 else attn_mask)
     elif is_causal:
-        mask = mask.masked_fill(torch.ones(length, source, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        mask = masked(mask, torch.ones(length, source, dtype=torch.bool, device=q.device).triu(1))
     if key_padding_mask is not None:
-        padding = key_padding_mask.reshape(batch, 1, 1, source)
-        mask = mask.masked_fill(padding, float("-inf")) if padding.dtype == torch.bool else mask + padding
+        mask = masked(mask, key_padding_mask.reshape(batch, 1, 1, source))
     out = mode.sdpa(q, k, v, attn_mask=mask)
     out = F.linear(out.permute(2, 0, 1, 3).reshape(length, batch, width), out_proj_weight, out_proj_bias)
     return (out.squeeze(1) if unbatched else out), None

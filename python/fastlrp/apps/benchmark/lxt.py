@@ -4,6 +4,7 @@ benchmark. LXT computes relevance as gradient x input with its rules switched in
 puts on the classes), so torch's classes are not touched for the rest of the process.
 """
 import copy
+import functools
 import importlib
 import importlib.util
 import sys
@@ -14,6 +15,7 @@ from unittest import mock
 from torch import nn
 
 
+@functools.cache
 def efficient_modules():
     """(rules, patches) of lxt.efficient. Its package __init__ also imports LXT's Hugging Face patches,
     which need transformers < 5 (transformers.modeling_attn_mask_utils); the two modules used here need
