@@ -87,6 +87,28 @@ def test_combine(device, shape, channels_last):
         torch.testing.assert_close(ones.double(), parts[0], **TOL[dtype])
 
 
+@native
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_combine_sign_pair_and_part_list(device, shape):
+    """x+ g0 + x- g1 (the one-sweep path of the CPU kernel), and g given as a list of parts in mixed
+    layouts (the strided path), against the same formula in float64."""
+    for dtype in dtypes_for(device):
+        x = torch.randn(shape, dtype=dtype, device=device)
+        x.view(-1)[::7] = 0  # zeros take neither part
+        g0, g1 = (torch.randn(shape, dtype=dtype, device=device) for _ in range(2))
+        expected = x.double().clamp(min=0) * g0.double() + x.double().clamp(max=0) * g1.double()
+        stacked = ops.combine(x, torch.cat([g0, g1], 1), [ops.POSITIVE, ops.NEGATIVE])
+        torch.testing.assert_close(stacked.double(), expected, **TOL[dtype])
+        mixed = [g0, layout(g1, True) if len(shape) in (4, 5) else g1.transpose(0, 1).contiguous().transpose(0, 1)]
+        listed = ops.combine(x, mixed, [ops.POSITIVE, ops.NEGATIVE])
+        torch.testing.assert_close(listed, stacked, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="2 parts for 3 modifiers"):
+        ops.combine(x, [g0, g1], [0, 1, 2])
+    with pytest.raises(ValueError, match=r"g\[1\] has shape"):
+        ops.combine(x, [g0, torch.randn(2, 3, dtype=x.dtype, device=x.device)], [1, 2])
+
+
 POOL_CASES = [  # (input shape, kernel, stride, padding, ceil_mode, count_include_pad)
     ((2, 3, 13), 3, 2, 1, False, True),
     ((1, 2, 7, 9), 3, 2, 1, True, False),
@@ -168,7 +190,7 @@ def test_opcheck_every_op():
     z = [torch.randn_like(x), torch.randn_like(x)]
     y = torch.randn_like(x)
     torch.library.opcheck(torch.ops.fastlrp.stabilize_divide, (x, z, y, [1.0, 2.0], [1, 2], 1e-6))
-    g = torch.randn(2, 9, 5, 4, dtype=torch.float64)
+    g = list(torch.randn(2, 9, 5, 4, dtype=torch.float64).chunk(3, dim=1))
     torch.library.opcheck(torch.ops.fastlrp.combine, (x, g, [0, 3, 4], [torch.randn(1, 3, 1, 1).expand_as(x).double()]))
     torch.library.opcheck(torch.ops.fastlrp.sum_relevance, ([x, y], [1.0, 1.0], x + y, z[0], 1e-6))
     xp = torch.rand(1, 2, 6, 6, dtype=torch.float64)

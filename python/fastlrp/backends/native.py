@@ -58,9 +58,18 @@ class BlockRule:
         self.weight = _block_weight(parts, self.conv_groups)  # Epsilon: the layer's own weight, no copy
         self.sample_modifiers = [m for m in self.modifiers if m not in _SAMPLE_FREE]
         self.free_modifiers = [m for m in self.modifiers if m in _SAMPLE_FREE]
+        # A depthwise layer with several rule groups (Gamma, AlphaBeta) runs one depthwise convolution per
+        # (rule group, input) part. Stacked inside the conv groups, the rule groups made a convolution
+        # with two outputs per input channel, which torch ran on the CPU 5-18x slower than two depthwise
+        # ones (MobileNetV3 shapes, one thread; docs/native.md "Speed").
+        self.split_parts = (self.conv_groups > 1 and weight.shape[0] == self.conv_groups and weight.shape[1] == 1
+                            and len(form.groups) > 1 and not self.free_modifiers)
+        self.part_weights = [[None if w is zero else w.contiguous() for w in row] for row in parts] \
+            if self.split_parts else None
         self.weight_sample = self._columns(self.sample_modifiers, weight.shape[1])
         self.weight_free = self._columns(self.free_modifiers, weight.shape[1])
         biases = [form.group_bias(g, bias) for g in range(len(form.groups))]
+        self.group_biases = biases
         self.bias = None if all(b is None for b in biases) else _interleave(
             [torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device) if b is None else b
              for b in biases], self.conv_groups)
@@ -71,6 +80,7 @@ class BlockRule:
         # accuracy of the reference end to end (issue 16, F1; tests/test_fuzz.py): a rounded output
         # flips the ReLU after it, or Gamma's sign masks, where the true output is near zero.
         self._free_cache = {}
+        self._weight_t = None  # a pointwise layer's W^T, made contiguous at its first relevance pass
 
     def _columns(self, modifiers, c_in):
         """The block's weights for these input modifiers (c_in: the layer's weight's dim 1)."""
@@ -120,6 +130,8 @@ class BlockRule:
         (conv group, rule group, channel)."""
         if self.z_is_output:
             return output
+        if self.split_parts:
+            return self._split_z(x)
         z = None
         if self.weight_sample is not None:
             z = self._block_z(self.sample_modifiers, x, self.weight_sample, self.bias)
@@ -138,7 +150,45 @@ class BlockRule:
             free = self._free_cache[key] = self._block_z(self.free_modifiers, x, self.weight_free, bias)
         return free
 
+    def _split_z(self, x):
+        """z of a split depthwise layer, ordered (rule group, channel): each z_g the sum of its parts'
+        depthwise convolutions, written into its slice of one buffer."""
+        inputs = [self._modified(m, x) for m in self.modifiers]
+        z = None
+        for g, row in enumerate(self.part_weights):
+            terms = [self.op(inp, w) for inp, w in zip(inputs, row) if w is not None]
+            if z is None:
+                c = terms[0].shape[1]
+                z = terms[0].new_empty((terms[0].shape[0], c * len(self.part_weights)) + tuple(terms[0].shape[2:]))
+            part = z.narrow(1, g * c, c)
+            if len(terms) == 1:
+                part.copy_(terms[0])
+            else:
+                torch.add(terms[0], terms[1], out=part)
+            for t in terms[2:]:
+                part.add_(t)
+            if self.group_biases[g] is not None:
+                part.add_(self.group_biases[g].reshape(self.op.bias_shape(part.ndim)))
+        return z
+
+    def _split_relevance(self, x, z, output, relevance):
+        c_out = relevance.shape[1]
+        y = output if self.uses_mask else None
+        g_parts = [None] * len(self.modifiers)
+        for g, row in enumerate(self.part_weights):
+            # one call per rule group: each s_g contiguous for its transposed convolutions
+            s = ops.stabilize_divide(relevance, [z.narrow(1, g * c_out, c_out)], [self.coefficients[g]],
+                                     [self.masks[g]], y=y, epsilon=self.epsilon)
+            for m, w in enumerate(row):
+                if w is not None:
+                    t = transposed(self.op, s, w, x.shape)
+                    g_parts[m] = t if g_parts[m] is None else g_parts[m].add_(t)
+        g_parts = [torch.zeros_like(x) if t is None else t for t in g_parts]
+        return ops.combine(x, g_parts, [_CODES[m] for m in self.modifiers], [])
+
     def relevance(self, x, z, output, relevance):
+        if self.split_parts:
+            return self._split_relevance(x, z, output, relevance)
         groups, c_out, rule_groups = self.conv_groups, relevance.shape[1], len(self.coefficients)
         # z_g: channel c of rule group g sits at (c // per_group, g, c % per_group); one stride per
         # channel where per_group == 1 (depthwise) or there is one group of either kind
@@ -150,9 +200,11 @@ class BlockRule:
         m = len(self.modifiers)
         shape = (x.shape[0], x.shape[1] * m) + tuple(x.shape[2:])
         if groups == 1 or m == 1:
-            g = transposed(self.op, s, self.weight, shape)
+            if self._weight_t is None and pointwise(self.op, self.weight):
+                self._weight_t = self.weight.transpose(0, 1).contiguous()  # once, not once per call
+            g = transposed(self.op, s, self.weight, shape, self._weight_t)
         else:  # one transposed convolution per modifier, all of the same s
-            g = torch.cat([transposed(self.op, s, rows, x.shape) for rows in self.weight.chunk(m, dim=0)], dim=1)
+            g = [transposed(self.op, s, rows, x.shape) for rows in self.weight.chunk(m, dim=0)]  # no cat: a list
         bounds = [broadcast_bound(self.form.bounds[m], x, m) for m in self.modifiers if m in ("low", "high")]
         return ops.combine(x, g, [_CODES[m] for m in self.modifiers], bounds)
 
@@ -221,21 +273,31 @@ class BlockFunction(torch.autograd.Function):
         return None, None, block.relevance(x, z, output, relevance)
 
 
-def transposed(op: AffineOp, s: torch.Tensor, weight: torch.Tensor, input_shape: tuple) -> torch.Tensor:
+def pointwise(op: AffineOp, weight: torch.Tensor) -> bool:
+    """A 1x1 (x1) convolution without groups, stride or padding."""
+    ones = [1] * op.dims
+    return (op.kind == "conv" and op.groups == 1 and list(weight.shape[2:]) == ones and list(op.stride) == ones
+            and not any(op.padding))
+
+
+def transposed(op: AffineOp, s: torch.Tensor, weight: torch.Tensor, input_shape: tuple,
+               weight_t: torch.Tensor | None = None) -> torch.Tensor:
     """f^T(s; W): the gradient of f(x; W) with respect to x, applied to s.
 
     A transposed convolution, with the output padding that restores the input's size. Not
     aten.convolution_backward: it makes its (unused) input argument contiguous, a full-size
-    copy per call, and on the CPU it was 2-3.6x slower for strided layers (measured with oneDNN)."""
+    copy per call, and on the CPU it was 2-3.6x slower for strided layers (measured with oneDNN).
+    ``weight_t``: a pointwise layer's W^T, contiguous, where the caller keeps one."""
     if op.kind == "linear":
         return s.matmul(weight)
     kernel = weight.shape[2:]
     ones = [1] * op.dims
-    if op.groups == 1 and list(kernel) == ones and list(op.stride) == ones and not any(op.padding):
+    if pointwise(op, weight):
         # a pointwise layer: its transpose is the pointwise convolution with W^T, which oneDNN runs
         # as a GEMM; torch's transposed convolution took its slow path here, 1.5-5x slower on the CPU
         # (1 thread; MobileNet/EfficientNet shapes)
-        return torch.ops.aten.convolution(s, weight.transpose(0, 1), None, ones, [0] * op.dims, ones, False,
+        weight_t = weight.transpose(0, 1) if weight_t is None else weight_t
+        return torch.ops.aten.convolution(s, weight_t, None, ones, [0] * op.dims, ones, False,
                                           [0] * op.dims, 1)
     output_padding = [input_shape[2 + i] - ((s.shape[2 + i] - 1) * op.stride[i] - 2 * op.padding[i]
                                             + op.dilation[i] * (kernel[i] - 1) + 1) for i in range(op.dims)]

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .._native import _C, cuda_kernels_usable
 from ..reference.stabilize import stabilize
-from ._views import collapse_spatial, readable, stream_of, view
+from ._views import flat_view, readable, stream_of, view
 
 MASK_NONE, MASK_POSITIVE, MASK_NEGATIVE = 0, 1, 2
 
@@ -63,6 +63,29 @@ def check_pool_shapes(op: str, kind: str, x: Tensor, relevance: Tensor) -> int:
     return dims
 
 
+def _plain_eager(tensors) -> bool:
+    """Whether a call may run an op's implementation directly instead of through torch's dispatcher.
+
+    torch's Python custom-op dispatch costs about 0.1 ms a call on the CPU, more than the kernel on
+    most layers, and an explanation makes one to three calls per layer. The dispatcher is needed only
+    where something watches or transforms the call: torch.compile and export tracing, a torch-function
+    or dispatch mode (FakeTensorMode, make_fx), the profiler (which then lists the op by name),
+    functorch transforms, tensor subclasses, and inputs that would need a gradient."""
+    if (torch.compiler.is_compiling() or torch._C._autograd._profiler_enabled()
+            or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()):
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not Tensor or (grad and t.requires_grad) or _functorch_wrapped(t):
+            return False
+    return True
+
+
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
 def _check_float(t: Tensor, name: str, op: str):
     if not isinstance(t, Tensor):
         raise TypeError(f"fastlrp.ops.{op}: {name} must be a tensor, got {type(t).__name__}")
@@ -83,18 +106,17 @@ def _check_like(ref: Tensor, ref_name: str, t: Tensor, name: str, op: str, shape
 
 # ---------------------------------------------------------------- stabilize-and-divide
 
-@torch.library.custom_op("fastlrp::stabilize_divide", mutates_args=(), tags=_EXACT_STRIDES)
-def _stabilize_divide(relevance: Tensor, z: list[Tensor], y: Optional[Tensor], coefficients: list[float],
+def _stabilize_divide_impl(relevance: Tensor, z: list[Tensor], y: Optional[Tensor], coefficients: list[float],
                       masks: list[int], epsilon: float) -> Tensor:
     channels = relevance.shape[1]
     out = _new_output((relevance.shape[0], channels * len(z)) + tuple(relevance.shape[2:]), relevance)
     parts = [out.narrow(1, g * channels, channels) for g in range(len(z))]
     if native_supports(relevance.device, relevance.dtype):
         _C.stabilize_divide(
-            view(collapse_spatial(relevance, "relevance"), "relevance"),
-            [view(collapse_spatial(t, f"z[{g}]"), f"z[{g}]") for g, t in enumerate(z)],
-            None if y is None else view(collapse_spatial(y, "y"), "y"),
-            list(coefficients), list(masks), [view(collapse_spatial(t, f"out[{g}]"), f"out[{g}]")
+            flat_view(relevance, "relevance"),
+            [flat_view(t, f"z[{g}]") for g, t in enumerate(z)],
+            None if y is None else flat_view(y, "y"),
+            list(coefficients), list(masks), [flat_view(t, f"out[{g}]")
                                               for g, t in enumerate(parts)],
             float(epsilon), stream_of(relevance))
         return out
@@ -102,6 +124,10 @@ def _stabilize_divide(relevance: Tensor, z: list[Tensor], y: Optional[Tensor], c
         r = relevance if m == MASK_NONE else (y > 0 if m == MASK_POSITIVE else y < 0).to(y.dtype) * relevance
         part.copy_(c * (r / stabilize(zg, epsilon)))
     return out
+
+
+_stabilize_divide = torch.library.custom_op("fastlrp::stabilize_divide", mutates_args=(), tags=_EXACT_STRIDES)(
+    _stabilize_divide_impl)
 
 
 @_stabilize_divide.register_fake
@@ -136,24 +162,22 @@ def stabilize_divide(relevance: Tensor, z: Sequence[Tensor], coefficients: Seque
         _check_like(relevance, "relevance", y, "y", op)
     if relevance.ndim < 2:
         raise ValueError(f"fastlrp.ops.{op}: relevance must be (N, C, ...), got shape {tuple(relevance.shape)}")
-    return _stabilize_divide(readable(relevance), [readable(t) for t in z], None if y is None else readable(y),
-                             coefficients, masks, float(epsilon))
+    args = (readable(relevance), [readable(t) for t in z], None if y is None else readable(y), coefficients,
+            masks, float(epsilon))
+    return (_stabilize_divide_impl if _plain_eager((args[0], *args[1], args[2])) else _stabilize_divide)(*args)
 
 
 # ---------------------------------------------------------------- combine
 
-@torch.library.custom_op("fastlrp::combine", mutates_args=(), tags=_EXACT_STRIDES)
-def _combine(x: Tensor, g: Tensor, modifiers: list[int], bounds: list[Tensor]) -> Tensor:
-    channels = x.shape[1]
-    chunks = [g.narrow(1, k * channels, channels) for k in range(len(modifiers))]
+def _combine_impl(x: Tensor, chunks: list[Tensor], modifiers: list[int], bounds: list[Tensor]) -> Tensor:
     out = _new_output(x.shape, x)
     if native_supports(x.device, x.dtype):
         bound_iter = iter(bounds)
-        bound_views = [view(collapse_spatial(next(bound_iter), f"bound[{k}]"), f"bound[{k}]") if m == TENSOR else None
+        bound_views = [flat_view(next(bound_iter), f"bound[{k}]") if m == TENSOR else None
                        for k, m in enumerate(modifiers)]
-        _C.combine(view(collapse_spatial(x, "x"), "x"),
-                   [view(collapse_spatial(c, f"g[{k}]"), f"g[{k}]") for k, c in enumerate(chunks)],
-                   list(modifiers), bound_views, view(collapse_spatial(out, "out"), "out"), stream_of(x))
+        _C.combine(flat_view(x, "x"),
+                   [flat_view(c, f"g[{k}]") for k, c in enumerate(chunks)],
+                   list(modifiers), bound_views, flat_view(out, "out"), stream_of(x))
         return out
     bound_iter = iter(bounds)
     total = None
@@ -166,13 +190,19 @@ def _combine(x: Tensor, g: Tensor, modifiers: list[int], bounds: list[Tensor]) -
     return out
 
 
+_combine = torch.library.custom_op("fastlrp::combine", mutates_args=(), tags=_EXACT_STRIDES)(
+    _combine_impl)
+
+
 @_combine.register_fake
-def _(x, g, modifiers, bounds):
+def _(x, chunks, modifiers, bounds):
     return _new_output(x.shape, x)
 
 
-def combine(x: Tensor, g: Tensor, modifiers: Sequence[int], bounds: Sequence[Tensor] = ()) -> Tensor:
-    """R_in = sum_k m_k(x) * g_k, where g holds the K parts g_k along channels (N, K*C, ...).
+def combine(x: Tensor, g: Tensor | Sequence[Tensor], modifiers: Sequence[int],
+            bounds: Sequence[Tensor] = ()) -> Tensor:
+    """R_in = sum_k m_k(x) * g_k, where g holds the K parts g_k along channels (N, K*C, ...), or is the
+    list of the K parts, each of x's shape (no concatenation where they come from separate products).
 
     ``modifiers[k]``: 0 x, 1 x+, 2 x-, 3 one, 4 the next tensor of ``bounds`` (broadcast to x).
     """
@@ -183,11 +213,20 @@ def combine(x: Tensor, g: Tensor, modifiers: Sequence[int], bounds: Sequence[Ten
     modifiers = [int(m) for m in modifiers]
     if not modifiers or any(m not in (IDENTITY, POSITIVE, NEGATIVE, ONE, TENSOR) for m in modifiers):
         raise ValueError(f"fastlrp.ops.{op}: modifiers must be a non-empty list of 0..4, got {modifiers}")
-    _check_like(x, "x", g, "g", op, shape=False)
-    expected = (x.shape[0], x.shape[1] * len(modifiers)) + tuple(x.shape[2:])
-    if tuple(g.shape) != expected:
-        raise ValueError(f"fastlrp.ops.{op}: g must have shape {expected} ({len(modifiers)} parts of x's "
-                         f"shape along channels), got {tuple(g.shape)}")
+    if isinstance(g, Tensor):
+        _check_like(x, "x", g, "g", op, shape=False)
+        expected = (x.shape[0], x.shape[1] * len(modifiers)) + tuple(x.shape[2:])
+        if tuple(g.shape) != expected:
+            raise ValueError(f"fastlrp.ops.{op}: g must have shape {expected} ({len(modifiers)} parts of x's "
+                             f"shape along channels), got {tuple(g.shape)}")
+        channels = x.shape[1]
+        chunks = [g.narrow(1, k * channels, channels) for k in range(len(modifiers))]
+    else:
+        chunks = list(g)
+        if len(chunks) != len(modifiers):
+            raise ValueError(f"fastlrp.ops.{op}: g holds {len(chunks)} parts for {len(modifiers)} modifiers")
+        for k, t in enumerate(chunks):
+            _check_like(x, "x", t, f"g[{k}]", op)
     bounds = list(bounds)
     if len(bounds) != modifiers.count(TENSOR):
         raise ValueError(f"fastlrp.ops.{op}: {modifiers.count(TENSOR)} bound tensors needed, got {len(bounds)}")
@@ -199,7 +238,8 @@ def combine(x: Tensor, g: Tensor, modifiers: Sequence[int], bounds: Sequence[Ten
         except RuntimeError:
             raise ValueError(f"fastlrp.ops.{op}: bounds[{k}] of shape {tuple(b.shape)} does not broadcast to "
                              f"x's shape {tuple(x.shape)}") from None
-    return _combine(readable(x), readable(g), modifiers, [readable(b) for b in expanded])
+    args = (readable(x), [readable(t) for t in chunks], modifiers, [readable(b) for b in expanded])
+    return (_combine_impl if _plain_eager((args[0], *args[1], *args[3])) else _combine)(*args)
 
 
 # ---------------------------------------------------------------- pooling
@@ -237,8 +277,7 @@ def _window_tables(in_sizes: tuple, out_sizes: tuple, kernel: tuple, stride: tup
     return index.to(device), scale.to(device)
 
 
-@torch.library.custom_op("fastlrp::pool_relevance", mutates_args=(), tags=_EXACT_STRIDES)
-def _pool_relevance(x: Tensor, relevance: Tensor, y: Optional[Tensor], window_sum: bool, index_table: Tensor,
+def _pool_relevance_impl(x: Tensor, relevance: Tensor, y: Optional[Tensor], window_sum: bool, index_table: Tensor,
                     scale_table: Tensor, scale_all: float, epsilon: float) -> Tensor:
     out = _new_output(x.shape, x)
     workspace = _new_output(relevance.shape, relevance)
@@ -249,6 +288,10 @@ def _pool_relevance(x: Tensor, relevance: Tensor, y: Optional[Tensor], window_su
             view(index_table, "index_table"), view(scale_table, "scale_table"), float(scale_all), view(w5, "workspace"),
             view(o5, "out"), float(epsilon), stream_of(x))
     return out
+
+
+_pool_relevance = torch.library.custom_op("fastlrp::pool_relevance", mutates_args=(), tags=_EXACT_STRIDES)(
+    _pool_relevance_impl)
 
 
 @_pool_relevance.register_fake
@@ -309,8 +352,9 @@ def pool_relevance(x: Tensor, relevance: Tensor, kind: str, kernel_size=None, st
         scale_all = 1.0
         if divisor_override:
             scale, scale_all = torch.ones_like(scale), 1.0 / divisor_override
-    return _pool_relevance(readable(x), readable(relevance), None if y is None else readable(y),
-                           kind == "max_proportional", index, scale, scale_all, float(epsilon))
+    args = (readable(x), readable(relevance), None if y is None else readable(y), kind == "max_proportional",
+            index, scale, scale_all, float(epsilon))
+    return (_pool_relevance_impl if _plain_eager(args[:3]) else _pool_relevance)(*args)
 
 
 def _pooled_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
@@ -356,21 +400,23 @@ def _pool_reference(x, relevance, kind, kernel_size, stride, padding, ceil_mode,
 
 # ---------------------------------------------------------------- n-ary sum
 
-@torch.library.custom_op("fastlrp::sum_relevance", mutates_args=(), tags=_EXACT_STRIDES)
-def _sum_relevance(inputs: list[Tensor], alpha: list[float], y: Tensor, relevance: Tensor,
+def _sum_relevance_impl(inputs: list[Tensor], alpha: list[float], y: Tensor, relevance: Tensor,
                    epsilon: float) -> list[Tensor]:
     outs = [_new_output(relevance.shape, relevance) for _ in inputs]
     if native_supports(relevance.device, relevance.dtype):
-        _C.sum([view(collapse_spatial(t, f"inputs[{k}]"), f"inputs[{k}]") for k, t in enumerate(inputs)],
-               list(alpha), view(collapse_spatial(y, "y"), "y"), view(collapse_spatial(relevance, "relevance"),
-                                                                      "relevance"),
-               [view(collapse_spatial(t, f"out[{k}]"), f"out[{k}]") for k, t in enumerate(outs)],
+        _C.sum([flat_view(t, f"inputs[{k}]") for k, t in enumerate(inputs)],
+               list(alpha), flat_view(y, "y"), flat_view(relevance, "relevance"),
+               [flat_view(t, f"out[{k}]") for k, t in enumerate(outs)],
                float(epsilon), stream_of(relevance))
         return outs
     ratio = relevance / stabilize(y, epsilon)
     for out, t, a in zip(outs, inputs, alpha):
         out.copy_(t * (a * ratio))
     return outs
+
+
+_sum_relevance = torch.library.custom_op("fastlrp::sum_relevance", mutates_args=(), tags=_EXACT_STRIDES)(
+    _sum_relevance_impl)
 
 
 @_sum_relevance.register_fake
@@ -394,4 +440,5 @@ def sum_relevance(inputs: Sequence[Tensor], relevance: Tensor, y: Tensor, alpha:
         raise ValueError(f"fastlrp.ops.{op}: alpha needs one entry per input ({len(inputs)})")
     if relevance.ndim < 2:
         raise ValueError(f"fastlrp.ops.{op}: relevance must be (N, C, ...), got shape {tuple(relevance.shape)}")
-    return _sum_relevance([readable(t) for t in inputs], alpha, readable(y), readable(relevance), float(epsilon))
+    args = ([readable(t) for t in inputs], alpha, readable(y), readable(relevance), float(epsilon))
+    return (_sum_relevance_impl if _plain_eager((*args[0], args[2], args[3])) else _sum_relevance)(*args)
