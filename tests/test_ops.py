@@ -254,3 +254,29 @@ def test_fallback_without_kernels_matches(monkeypatch):
     torch.testing.assert_close(ops.stabilize_divide(R, [z]), expected)
     g = torch.randn(2, 6, 5, dtype=torch.float64)
     torch.testing.assert_close(ops.combine(x, g, [1, 2]), x.clamp(min=0) * g[:, :3] + x.clamp(max=0) * g[:, 3:])
+
+
+@native
+def test_plain_eager_calls_skip_the_dispatcher_and_watched_calls_do_not(monkeypatch):
+    """Plain eager calls run the op's implementation directly (torch's Python custom-op dispatch cost
+    more than the kernel); the profiler, fake tensors and inputs that need a gradient go through the
+    registered op, with the same result."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from fastlrp.ops import lrp_ops
+    calls = []
+    registered = lrp_ops._combine
+    monkeypatch.setattr(lrp_ops, "_combine", lambda *a: calls.append(1) or registered(*a))
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    g = torch.randn(2, 6, 4, 5, dtype=torch.float64)
+    plain = ops.combine(x, g, [ops.POSITIVE, ops.NEGATIVE])
+    assert calls == []
+    with torch.profiler.profile() as prof:
+        profiled = ops.combine(x, g, [ops.POSITIVE, ops.NEGATIVE])
+    assert calls == [1] and any(e.name == "fastlrp::combine" for e in prof.events())
+    torch.testing.assert_close(profiled, plain, rtol=0, atol=0)
+    with FakeTensorMode() as mode:
+        fake = ops.combine(mode.from_tensor(x), mode.from_tensor(g), [ops.POSITIVE, ops.NEGATIVE])
+    assert calls == [1, 1] and fake.shape == x.shape
+    with torch.no_grad():
+        ops.combine(x.requires_grad_(), g, [ops.POSITIVE, ops.NEGATIVE])
+    assert calls == [1, 1]  # no gradient can flow: still plain
