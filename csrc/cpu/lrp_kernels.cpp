@@ -39,10 +39,34 @@ inline T* row(const Strided<T, 3>& v, int64_t n, int64_t c) {
   return v.data + n * v.stride[0] + c * v.stride[1];
 }
 
+// Where every view of a call holds each sample densely (rows of S one after another: contiguous, or
+// channels-last after the swap above), the walk may regroup k short rows into one long one: on 5x5
+// maps (late MobileNet layers) the per-row cost was more than the rows' arithmetic. Samples keep
+// their own strides (a part of a stacked tensor is dense per sample only).
+template <typename T>
+void regroup_short_rows(const std::vector<Strided<T, 3>*>& views) {
+  const auto& f = *views[0];
+  const int64_t C = f.size[1], S = f.size[2];
+  constexpr int64_t kShort = 256, kLong = 4096;
+  if (S >= kShort || C == 1) return;
+  for (const auto* v : views)
+    if (v->size[0] != f.size[0] || v->size[1] != C || v->size[2] != S || v->stride[1] != S ||
+        (v->stride[2] != 1 && S > 1))
+      return;
+  int64_t k = std::max<int64_t>(1, std::min(C, kLong / std::max<int64_t>(S, 1)));
+  while (C % k != 0) --k;
+  for (auto* v : views) {
+    v->size[1] = C / k;
+    v->size[2] = S * k;
+    v->stride[1] = S * k;
+    v->stride[2] = 1;
+  }
+}
+
 template <typename T>
 void stabilize_divide_impl(const StabilizeDivideArgs& a) {
   const bool swap = channels_inner(a.relevance);
-  const auto R = row_view<T>(a.relevance, swap);
+  auto R = row_view<T>(a.relevance, swap);
   const size_t G = a.z.size();
   std::vector<Strided<T, 3>> z, out;
   bool any_mask = false;
@@ -51,7 +75,10 @@ void stabilize_divide_impl(const StabilizeDivideArgs& a) {
     out.push_back(row_view<T>(a.out[g], swap));
     any_mask = any_mask || a.mask[g] != int(MaskMode::None);
   }
-  const auto y = any_mask ? row_view<T>(a.y, swap) : R;
+  auto y = any_mask ? row_view<T>(a.y, swap) : R;
+  std::vector<Strided<T, 3>*> views = {&R, &y};
+  for (size_t g = 0; g < G; ++g) views.insert(views.end(), {&z[g], &out[g]});
+  regroup_short_rows<T>(views);
   const int64_t N = R.size[0], C = R.size[1], S = R.size[2];
   const T eps = T(a.epsilon);
 #pragma omp parallel for collapse(2) schedule(static)
@@ -134,14 +161,17 @@ void combine_row_any(int mod, T* o, const T* xr, const T* gr, const T* br, int64
 template <typename T>
 void combine_impl(const CombineArgs& a) {
   const bool swap = channels_inner(a.x);
-  const auto x = row_view<T>(a.x, swap);
-  const auto out = row_view<T>(a.out, swap);
+  auto x = row_view<T>(a.x, swap);
+  auto out = row_view<T>(a.out, swap);
   const size_t K = a.g.size();
   std::vector<Strided<T, 3>> g, bound;
   for (size_t k = 0; k < K; ++k) {
     g.push_back(row_view<T>(a.g[k], swap));
-    bound.push_back(a.modifier[k] == int(InputModifier::Tensor) ? row_view<T>(a.bound[k], swap) : x);
+    bound.push_back(row_view<T>(a.modifier[k] == int(InputModifier::Tensor) ? a.bound[k] : a.x, swap));
   }
+  std::vector<Strided<T, 3>*> views = {&x, &out};
+  for (size_t k = 0; k < K; ++k) views.insert(views.end(), {&g[k], &bound[k]});
+  regroup_short_rows<T>(views);
   const int64_t N = x.size[0], C = x.size[1], S = x.size[2];
   bool unit_stride = x.stride[2] == 1 && out.stride[2] == 1;
   for (size_t k = 0; k < K; ++k) unit_stride = unit_stride && g[k].stride[2] == 1;
@@ -278,14 +308,17 @@ void pool_impl(const PoolArgs& a) {
 template <typename T>
 void sum_impl(const SumArgs& a) {
   const bool swap = channels_inner(a.relevance);
-  const auto R = row_view<T>(a.relevance, swap);
-  const auto y = row_view<T>(a.y, swap);
+  auto R = row_view<T>(a.relevance, swap);
+  auto y = row_view<T>(a.y, swap);
   const size_t K = a.x.size();
   std::vector<Strided<T, 3>> x, out;
   for (size_t k = 0; k < K; ++k) {
     x.push_back(row_view<T>(a.x[k], swap));
     out.push_back(row_view<T>(a.out[k], swap));
   }
+  std::vector<Strided<T, 3>*> views = {&R, &y};
+  for (size_t k = 0; k < K; ++k) views.insert(views.end(), {&x[k], &out[k]});
+  regroup_short_rows<T>(views);
   const int64_t N = R.size[0], C = R.size[1], S = R.size[2];
   const T eps = T(a.epsilon);
   bool unit_stride = R.stride[2] == 1 && y.stride[2] == 1;
