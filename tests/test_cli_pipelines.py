@@ -823,6 +823,14 @@ def test_bench_command_writes_a_result_file(tmp_path, capsys):
     assert "memory:" not in printed and "peak MB" not in printed
 
 
+def test_bench_names_an_unknown_provider_before_any_work(tmp_path, capsys):
+    pytest.importorskip("torchvision")
+    code, out, err = run_cli(capsys, "bench", "--models", "r3d_18", "--providers", "zennit", "--device", "cpu",
+                             "--out", tmp_path)
+    assert_one_line_error(code, out, err, "unknown provider 'zennit'", "fastlrp:<backend>")
+    assert not list(tmp_path.iterdir())
+
+
 def test_bench_help_describes_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])

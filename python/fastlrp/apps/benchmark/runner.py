@@ -171,11 +171,26 @@ def main(argv=None):
     return run(parse_args(argv))
 
 
+BACKENDS = ("native", "triton", "reference")
+
+
+def check_providers(providers):
+    """Every provider is ``captum`` or ``fastlrp:<backend>[+save_memory]``; anything else is a ValueError
+    naming it, before any work (Zennit, forward and gradient run anyway as the baselines)."""
+    for provider in providers:
+        kind, _, backend = provider.partition(":")
+        if provider != "captum" and (kind != "fastlrp" or backend.removesuffix("+save_memory") not in BACKENDS):
+            raise ValueError(f"unknown provider {provider!r}; use captum or "
+                             f"fastlrp:<backend>[+save_memory] with a backend of {', '.join(BACKENDS)} "
+                             "(zennit, forward and gradient always run as the baselines)")
+
+
 def run(args):
     """Run the benchmark for parsed (and finished) arguments; returns the result file's path."""
     _torchvision()  # fail in one line before any work when torchvision is missing
     fastlrp_providers, skip_note = fastlrp_backends(args.device)
     providers = args.providers or fastlrp_providers + ["captum"]
+    check_providers(providers)
     if args.providers:
         skip_note = ""
     env = environment(args.device)
