@@ -80,7 +80,9 @@ class BlockRule:
         # accuracy of the reference end to end (issue 16, F1; tests/test_fuzz.py): a rounded output
         # flips the ReLU after it, or Gamma's sign masks, where the true output is near zero.
         self._free_cache = {}
-        self._weight_t = None  # a pointwise layer's W^T, made contiguous at its first relevance pass
+        # a pointwise layer's W^T for its transposed product, made once here (where the weight cache
+        # counts it) and not by the convolution in every call
+        self._weight_t = self.weight.transpose(0, 1).contiguous() if pointwise(op, self.weight) else None
 
     def _columns(self, modifiers, c_in):
         """The block's weights for these input modifiers (c_in: the layer's weight's dim 1)."""
@@ -200,8 +202,6 @@ class BlockRule:
         m = len(self.modifiers)
         shape = (x.shape[0], x.shape[1] * m) + tuple(x.shape[2:])
         if groups == 1 or m == 1:
-            if self._weight_t is None and pointwise(self.op, self.weight):
-                self._weight_t = self.weight.transpose(0, 1).contiguous()  # once, not once per call
             g = transposed(self.op, s, self.weight, shape, self._weight_t)
         else:  # one transposed convolution per modifier, all of the same s
             g = [transposed(self.op, s, rows, x.shape) for rows in self.weight.chunk(m, dim=0)]  # no cat: a list
