@@ -80,9 +80,6 @@ class BlockRule:
         # accuracy of the reference end to end (issue 16, F1; tests/test_fuzz.py): a rounded output
         # flips the ReLU after it, or Gamma's sign masks, where the true output is near zero.
         self._free_cache = {}
-        # a pointwise layer's W^T for its transposed product, made once here (where the weight cache
-        # counts it) and not by the convolution in every call
-        self._weight_t = self.weight.transpose(0, 1).contiguous() if pointwise(op, self.weight) else None
 
     def _columns(self, modifiers, c_in):
         """The block's weights for these input modifiers (c_in: the layer's weight's dim 1)."""
@@ -202,7 +199,7 @@ class BlockRule:
         m = len(self.modifiers)
         shape = (x.shape[0], x.shape[1] * m) + tuple(x.shape[2:])
         if groups == 1 or m == 1:
-            g = transposed(self.op, s, self.weight, shape, self._weight_t)
+            g = transposed(self.op, s, self.weight, shape)
         else:  # one transposed convolution per modifier, all of the same s
             g = [transposed(self.op, s, rows, x.shape) for rows in self.weight.chunk(m, dim=0)]  # no cat: a list
         bounds = [broadcast_bound(self.form.bounds[m], x, m) for m in self.modifiers if m in ("low", "high")]
@@ -280,24 +277,26 @@ def pointwise(op: AffineOp, weight: torch.Tensor) -> bool:
             and not any(op.padding))
 
 
-def transposed(op: AffineOp, s: torch.Tensor, weight: torch.Tensor, input_shape: tuple,
-               weight_t: torch.Tensor | None = None) -> torch.Tensor:
+def transposed(op: AffineOp, s: torch.Tensor, weight: torch.Tensor, input_shape: tuple) -> torch.Tensor:
     """f^T(s; W): the gradient of f(x; W) with respect to x, applied to s.
 
     A transposed convolution, with the output padding that restores the input's size. Not
     aten.convolution_backward: it makes its (unused) input argument contiguous, a full-size
-    copy per call, and on the CPU it was 2-3.6x slower for strided layers (measured with oneDNN).
-    ``weight_t``: a pointwise layer's W^T, contiguous, where the caller keeps one."""
+    copy per call, and on the CPU it was 2-3.6x slower for strided layers (measured with oneDNN)."""
     if op.kind == "linear":
         return s.matmul(weight)
     kernel = weight.shape[2:]
     ones = [1] * op.dims
     if pointwise(op, weight):
-        # a pointwise layer: its transpose is the pointwise convolution with W^T, which oneDNN runs
-        # as a GEMM; torch's transposed convolution took its slow path here, 1.5-5x slower on the CPU
-        # (1 thread; MobileNet/EfficientNet shapes)
-        weight_t = weight.transpose(0, 1) if weight_t is None else weight_t
-        return torch.ops.aten.convolution(s, weight_t, None, ones, [0] * op.dims, ones, False,
+        # a pointwise layer: its transpose is a GEMM with W^T. torch's transposed convolution took its
+        # slow path here (1.5-5x slower on the CPU, 1 thread, MobileNet/EfficientNet shapes), and a
+        # convolution with W^T copies the transposed weight in every call; a contiguous s goes to the
+        # GEMM directly, which reads W^T in place
+        if s.is_contiguous():
+            w = weight.reshape(weight.shape[0], weight.shape[1])
+            flat = torch.matmul(w.t(), s.reshape(s.shape[0], s.shape[1], -1))
+            return flat.reshape((s.shape[0], weight.shape[1]) + tuple(s.shape[2:]))
+        return torch.ops.aten.convolution(s, weight.transpose(0, 1), None, ones, [0] * op.dims, ones, False,
                                           [0] * op.dims, 1)
     output_padding = [input_shape[2 + i] - ((s.shape[2 + i] - 1) * op.stride[i] - 2 * op.padding[i]
                                             + op.dilation[i] * (kernel[i] - 1) + 1) for i in range(op.dims)]
