@@ -182,7 +182,6 @@ class BlockRule:
                 if w is not None:
                     t = transposed(self.op, s, w, x.shape)
                     g_parts[m] = t if g_parts[m] is None else g_parts[m].add_(t)
-        g_parts = [torch.zeros_like(x) if t is None else t for t in g_parts]
         return ops.combine(x, g_parts, [_CODES[m] for m in self.modifiers], [])
 
     def relevance(self, x, z, output, relevance):

@@ -10,6 +10,8 @@ import time
 
 import torch
 
+from ...backends import NAMES as BACKEND_NAMES
+
 from .harness import (RESULTS_DIR, Row, add_ratios, environment, format_table, peak_memory_bytes, synchronize,
                       time_fn, write_results)
 from .providers import (CAVEATS, COMPOSITES, MODELS, VIDEO_MODELS, _torchvision, captum_provider, classify,
@@ -171,17 +173,14 @@ def main(argv=None):
     return run(parse_args(argv))
 
 
-BACKENDS = ("native", "triton", "reference")
-
-
 def check_providers(providers):
     """Every provider is ``captum`` or ``fastlrp:<backend>[+save_memory]``; anything else is a ValueError
     naming it, before any work (Zennit, forward and gradient run anyway as the baselines)."""
     for provider in providers:
         kind, _, backend = provider.partition(":")
-        if provider != "captum" and (kind != "fastlrp" or backend.removesuffix("+save_memory") not in BACKENDS):
+        if provider != "captum" and (kind != "fastlrp" or backend.removesuffix("+save_memory") not in BACKEND_NAMES):
             raise ValueError(f"unknown provider {provider!r}; use captum or "
-                             f"fastlrp:<backend>[+save_memory] with a backend of {', '.join(BACKENDS)} "
+                             f"fastlrp:<backend>[+save_memory] with a backend of {', '.join(BACKEND_NAMES)} "
                              "(zennit, forward and gradient always run as the baselines)")
 
 
