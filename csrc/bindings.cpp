@@ -259,6 +259,33 @@ void sum(const py::list& x, const std::vector<double>& alpha, const py::tuple& y
   run_on_device(a.relevance, a, &fl::cpu::sum, FASTLRP_CUDA_FN(sum));
 }
 
+void softmax_rule(const py::tuple& x, const py::tuple& s, const py::object& relevance, const py::object& gradient,
+                  const py::tuple& out, int64_t stream) {
+  fl::SoftmaxRuleArgs a;
+  a.x = to_view(x);
+  fl::check_rank(a.x, 2);
+  a.s = to_view(s);
+  a.out = to_view(out);
+  check_all_like(a.x, {a.s, a.out}, 2);
+  a.has_relevance = !relevance.is_none();
+  a.has_gradient = !gradient.is_none();
+  if (!a.has_relevance && !a.has_gradient)
+    throw std::invalid_argument("softmax_rule needs the relevance at s, its gradient form, or both");
+  if (a.has_relevance) {
+    a.relevance = to_view(relevance.cast<py::tuple>());
+    check_all_like(a.x, {a.relevance}, 2);
+  }
+  if (a.has_gradient) {
+    a.gradient = to_view(gradient.cast<py::tuple>());
+    check_all_like(a.x, {a.gradient}, 2);
+  }
+  for (const fl::View* v : {&a.x, &a.s, &a.out, &a.relevance, &a.gradient})
+    if (!v->sizes.empty() && v->sizes[1] > 1 && v->strides[1] != 1)
+      throw std::invalid_argument(v->name + " must have unit stride along the softmax dimension");
+  a.stream = stream;
+  run_on_device(a.x, a, &fl::cpu::softmax_rule, FASTLRP_CUDA_FN(softmax_rule));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -281,6 +308,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("combine", &combine, "R_in = sum_k m_k(x) * g_k, one pass");
   m.def("pool", &pool, "average / proportional max pooling LRP over separable windows");
   m.def("sum", &sum, "N-ary sum LRP: R_i = a_i x_i R / stab(y), one pass");
+  m.def("softmax_rule", &softmax_rule, "AttnLRP softmax rule R_x = x (T - s sum T), T = R + s g, one pass per row");
   m.attr("has_cuda_kernels") = py::bool_(
 #ifdef FASTLRP_WITH_CUDA
       true

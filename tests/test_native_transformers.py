@@ -119,10 +119,28 @@ def tiny_mvit():
     return rand_(model, 0.3)
 
 
+class Handoffs(nn.Module):
+    """Gradient-form layers feeding each other directly, each output also read by a layer in relevance
+    form: q k^T into a kept-whole block and into a sum, the softmax into the product with v and into
+    the head (backends/base.py, gradient handles)."""
+
+    def __init__(self, width=6, length=5):
+        super().__init__()
+        self.qkv, self.head = nn.Linear(width, 3 * width), nn.Linear(width + length, 3)
+        self.weight = nn.Parameter(torch.randn(length, length))
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        scores = q @ k.transpose(-2, -1)
+        weights = torch.softmax(mixer(scores, self.weight) + scores, dim=-1)
+        return self.head(torch.cat([weights @ v, weights], -1)[:, -1])
+
+
 MODELS = {
     "explicit": (lambda: rand_(Attention("explicit")), (2, 5, 6)),
     "sdpa": (lambda: rand_(Attention("sdpa")), (2, 5, 6)),
     "explicit_causal": (lambda: rand_(CausalExplicit()), (2, 5, 6)),
+    "handoffs": (lambda: rand_(Handoffs()), (2, 5, 6)),
     "multihead": (lambda: rand_(Attention("module")), (2, 5, 6)),
     "multihead_masked": (lambda: rand_(MaskedMultihead(causal=False)), (2, 5, 6)),
     "multihead_causal": (lambda: rand_(MaskedMultihead(causal=True)), (2, 5, 6)),
@@ -156,6 +174,39 @@ def test_native_equals_reference(name, composite):
     with torch.no_grad():
         torch.testing.assert_close(native.output, model(x), rtol=1e-12, atol=1e-12)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["handoffs", "mvit", "explicit_causal"])
+def test_gradient_handles_skip_conversions_and_keep_every_layers_relevance(name, monkeypatch):
+    """Where a gradient-form layer feeds another, the gradient passes as it is (fewer g -> x * g
+    conversions than with the handles withdrawn), the relevance is the reference's, and the relevance
+    recorded at every layer (taps withdraw the handles there) is the reference's too."""
+    from fastlrp.backends import attnlrp
+    torch.manual_seed(0)
+    build, shape = MODELS[name]
+    model = build()
+    x = torch.randn(*shape, dtype=F64)
+    conversions = []
+    entry = attnlrp._GradientToRelevance.apply
+    monkeypatch.setattr(attnlrp._GradientToRelevance, "apply", lambda *a: conversions.append(1) or entry(*a))
+    explainer = LRP(model, "attnlrp", backend="native")
+    with_handles = explainer(x, 1)
+    used = len(conversions)
+    handle_of = attnlrp.handle_of
+    monkeypatch.setattr(attnlrp, "handle_of", lambda t: None)
+    conversions.clear()
+    without = explainer(x, 1)
+    assert used < len(conversions)
+    monkeypatch.setattr(attnlrp, "handle_of", handle_of)
+    reference = LRP(model, "attnlrp", backend="reference")
+    expected = reference.explain(x, 1, layers=reference.layer_names)
+    for got in (with_handles, without):
+        torch.testing.assert_close(got, expected.relevance, rtol=1e-9, atol=1e-9 * expected.relevance.abs().max().item())
+    tapped = explainer.explain(x, 1, layers=explainer.layer_names)
+    assert set(tapped.layers) == set(expected.layers)
+    for site, r in expected.layers.items():
+        torch.testing.assert_close(tapped.layers[site], r, rtol=1e-9, atol=1e-9 * (r.abs().max().item() + 1e-300),
+                                   msg=site)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

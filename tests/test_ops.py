@@ -22,8 +22,8 @@ TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Kernel outputs start as NaN, so an element the kernel forgets to write shows."""
-    def poisoned(shape, like):
-        out = original(shape, like)
+    def poisoned(shape, like, **options):
+        out = original(shape, like, **options)
         return out.fill_(float("nan"))
     original = lrp_ops._new_output
     monkeypatch.setattr(lrp_ops, "_new_output", poisoned)
@@ -184,6 +184,35 @@ def test_sum_relevance(device, shape, n):
             torch.testing.assert_close(g.double(), t.double() * (a * ratio), **TOL[dtype])
 
 
+SOFTMAX_SHAPES = [(1,), (3, 1), (2, 7, 13), (1, 3, 5, 257), (4, 2, 3, 2)]
+
+
+@native
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SOFTMAX_SHAPES)
+@pytest.mark.parametrize("given", ["relevance", "gradient", "both"])
+def test_softmax_relevance(device, shape, given):
+    """The softmax rule's one-pass kernel (rows along the last dim) and its PyTorch path (other dims, and
+    transposed inputs along the last) against the reference, with the relevance at s given as relevance,
+    as a gradient (standing for s * g), or both; a masked logit (-inf) gets 0."""
+    for dtype in dtypes_for(device):
+        for dim in {-1, 0, len(shape) - 1}:
+            x = torch.randn(shape, dtype=dtype, device=device) * 3
+            if x.shape[dim] > 1:  # mask the first logit of every row (a row keeps one finite logit)
+                x.select(dim, 0).fill_(float("-inf"))
+            s = torch.softmax(x, dim)
+            R = torch.randn_like(x) if given != "gradient" else None
+            g = torch.randn_like(x) if given != "relevance" else None
+            total = (0 if R is None else R.double()) + (0 if g is None else s.double() * g.double())
+            expected = reference.softmax_relevance(x.double(), s.double(), total, dim)
+            got = ops.softmax_relevance(x, s, R, g, dim)
+            assert got.is_contiguous() and got.dtype == dtype
+            torch.testing.assert_close(got.double(), expected, **TOL[dtype])
+            if x.ndim >= 2:  # non-contiguous inputs, rows still along the last dim
+                xt, st = x.transpose(0, 1).contiguous().transpose(0, 1), s.transpose(0, 1).contiguous().transpose(0, 1)
+                torch.testing.assert_close(ops.softmax_relevance(xt, st, R, g, dim), got, rtol=0, atol=0)
+
+
 @native
 def test_opcheck_every_op():
     x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
@@ -198,6 +227,9 @@ def test_opcheck_every_op():
     index, scale = lrp_ops._window_tables((1, 6, 6), (1, 3, 3), (1, 2, 2), (1, 2, 2), (0, 0, 0), False, True, "cpu")
     torch.library.opcheck(torch.ops.fastlrp.pool_relevance, (xp, torch.randn_like(yp), yp, False, index, scale, 1.0,
                                                              1e-6))
+    s = torch.softmax(x, -1)
+    torch.library.opcheck(torch.ops.fastlrp.softmax_relevance, (x, s, y, None, -1))
+    torch.library.opcheck(torch.ops.fastlrp.softmax_relevance, (x, s, None, y, 1))
 
 
 @native
@@ -226,6 +258,12 @@ def test_bad_arguments_are_clear_errors():
         ops.pool_relevance(x, x[..., :2], "avg", 2)
     with pytest.raises(ValueError, match=r"inputs\[1\] has shape"):
         ops.sum_relevance([x, torch.randn(2, 3, 1)], x, x)
+    with pytest.raises(ValueError, match="give the relevance at s, its gradient form, or both"):
+        ops.softmax_relevance(x, x.softmax(-1))
+    with pytest.raises(ValueError, match="dim 3 is out of range"):
+        ops.softmax_relevance(x, x.softmax(-1), x, dim=3)
+    with pytest.raises(ValueError, match=r"gradient has shape \(2, 3, 5\)"):
+        ops.softmax_relevance(x, x.softmax(-1), gradient=torch.randn(2, 3, 5))
 
 
 @native
@@ -243,6 +281,11 @@ def test_native_entry_points_validate_views():
         _C.sum([view(h, "x")], [1.0], view(h, "y"), view(h, "relevance"), [view(h, "out")], 1e-6, 0)
     with pytest.raises(ValueError, match="one entry per group"):
         _C.stabilize_divide(view(a, "relevance"), [], None, [], [], [], 1e-6, 0)
+    rows = a.reshape(6, 4)
+    with pytest.raises(ValueError, match="needs the relevance at s"):
+        _C.softmax_rule(view(rows, "x"), view(rows, "s"), None, None, view(rows, "out"), 0)
+    with pytest.raises(ValueError, match="s must have unit stride"):
+        _C.softmax_rule(view(rows, "x"), view(a.reshape(4, 6).t(), "s"), view(rows, "r"), None, view(rows, "out"), 0)
 
 
 def test_fallback_without_kernels_matches(monkeypatch):
@@ -254,6 +297,8 @@ def test_fallback_without_kernels_matches(monkeypatch):
     torch.testing.assert_close(ops.stabilize_divide(R, [z]), expected)
     g = torch.randn(2, 6, 5, dtype=torch.float64)
     torch.testing.assert_close(ops.combine(x, g, [1, 2]), x.clamp(min=0) * g[:, :3] + x.clamp(max=0) * g[:, 3:])
+    s = x.softmax(-1)
+    torch.testing.assert_close(ops.softmax_relevance(x, s, R), reference.softmax_relevance(x, s, R, -1))
 
 
 @native

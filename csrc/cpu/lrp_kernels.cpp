@@ -3,6 +3,7 @@
 // the reference, so results agree to the last bits where the inputs do.
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <vector>
 
@@ -347,6 +348,44 @@ void sum_impl(const SumArgs& a) {
   }
 }
 
+// The relevance at s of the softmax rule, T_i = R_i + s_i g_i, with absent parts left out at compile time.
+template <typename T, bool HasR, bool HasG>
+inline T softmax_total(const T* r, const T* s, const T* g, int64_t i) {
+  if constexpr (HasR && HasG) return r[i] + s[i] * g[i];
+  else if constexpr (HasR) return r[i];
+  else return s[i] * g[i];
+}
+
+template <typename T, bool HasR, bool HasG>
+void softmax_rule_rows(const SoftmaxRuleArgs& a) {
+  const int64_t rows = a.x.sizes[0], L = a.x.sizes[1];
+  const auto at = [](const View& v, int64_t r) { return static_cast<T*>(v.data) + r * v.strides[0]; };
+  constexpr T kMasked = -std::numeric_limits<T>::infinity();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* x = at(a.x, r);
+    const T* s = at(a.s, r);
+    const T* R = HasR ? at(a.relevance, r) : nullptr;
+    const T* g = HasG ? at(a.gradient, r) : nullptr;
+    T* o = at(a.out, r);
+    T total = T(0);
+#pragma omp simd reduction(+ : total)
+    for (int64_t i = 0; i < L; ++i) total += softmax_total<T, HasR, HasG>(R, s, g, i);
+#pragma omp simd
+    for (int64_t i = 0; i < L; ++i) {
+      const T v = x[i] * (softmax_total<T, HasR, HasG>(R, s, g, i) - s[i] * total);
+      o[i] = x[i] == kMasked ? T(0) : v;
+    }
+  }
+}
+
+template <typename T>
+void softmax_rule_impl(const SoftmaxRuleArgs& a) {
+  if (a.has_relevance && a.has_gradient) softmax_rule_rows<T, true, true>(a);
+  else if (a.has_relevance) softmax_rule_rows<T, true, false>(a);
+  else softmax_rule_rows<T, false, true>(a);
+}
+
 template <template <typename> class Fn, typename Args>
 void dispatch(DType dtype, const Args& a) {
   switch (dtype) {
@@ -361,6 +400,7 @@ template <typename T> struct StabilizeDivide { static void run(const StabilizeDi
 template <typename T> struct Combine { static void run(const CombineArgs& a) { combine_impl<T>(a); } };
 template <typename T> struct Pool { static void run(const PoolArgs& a) { pool_impl<T>(a); } };
 template <typename T> struct Sum { static void run(const SumArgs& a) { sum_impl<T>(a); } };
+template <typename T> struct SoftmaxRule { static void run(const SoftmaxRuleArgs& a) { softmax_rule_impl<T>(a); } };
 
 }  // namespace
 
@@ -368,6 +408,7 @@ void stabilize_divide(const StabilizeDivideArgs& a) { dispatch<StabilizeDivide>(
 void combine(const CombineArgs& a) { dispatch<Combine>(a.x.dtype, a); }
 void pool(const PoolArgs& a) { dispatch<Pool>(a.x.dtype, a); }
 void sum(const SumArgs& a) { dispatch<Sum>(a.relevance.dtype, a); }
+void softmax_rule(const SoftmaxRuleArgs& a) { dispatch<SoftmaxRule>(a.x.dtype, a); }
 
 }  // namespace cpu
 }  // namespace fastlrp

@@ -510,6 +510,72 @@ template <typename T> void sum_t(const SumArgs& a) {
   check_launch("sum");
 }
 
+// The softmax rule: one warp per row (rows are softmax rows: attention scores, often thousands long),
+// its lanes striding along the row; the row's sum is a warp reduction, then each lane writes its share.
+template <typename T> struct SoftmaxParams {
+  const T *x, *s, *r, *g;
+  T* out;
+  int64_t rows, L, xs, ss, rs, gs, os;  // row strides
+};
+
+template <typename T, bool HasR, bool HasG>
+__device__ __forceinline__ typename Acc<T>::type softmax_total(const T* r, const T* s, const T* g, int64_t i) {
+  using A = typename Acc<T>::type;
+  if constexpr (HasR && HasG) return load(r + i) + load(s + i) * load(g + i);
+  else if constexpr (HasR) return load(r + i);
+  else return A(load(s + i) * load(g + i));
+}
+
+template <typename T, bool HasR, bool HasG> __global__ void softmax_rule_kernel(SoftmaxParams<T> p) {
+  using A = typename Acc<T>::type;
+  const int lane = threadIdx.x & 31;
+  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= p.rows) return;  // whole warps: a row's lanes leave together
+  const T* x = p.x + row * p.xs;
+  const T* s = p.s + row * p.ss;
+  const T* r = HasR ? p.r + row * p.rs : nullptr;
+  const T* g = HasG ? p.g + row * p.gs : nullptr;
+  T* o = p.out + row * p.os;
+  A total = A(0);
+  for (int64_t i = lane; i < p.L; i += 32) total += softmax_total<T, HasR, HasG>(r, s, g, i);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) total += __shfl_xor_sync(0xffffffffu, total, offset);
+  for (int64_t i = lane; i < p.L; i += 32) {
+    const A xv = load(x + i);
+    const A v = xv * (softmax_total<T, HasR, HasG>(r, s, g, i) - load(s + i) * total);
+    store(o + i, (isinf(xv) && xv < A(0)) ? A(0) : v);
+  }
+}
+
+template <typename T> void softmax_rule_t(const SoftmaxRuleArgs& a) {
+  SoftmaxParams<T> p{};
+  p.x = static_cast<const T*>(a.x.data);
+  p.s = static_cast<const T*>(a.s.data);
+  p.r = a.has_relevance ? static_cast<const T*>(a.relevance.data) : nullptr;
+  p.g = a.has_gradient ? static_cast<const T*>(a.gradient.data) : nullptr;
+  p.out = static_cast<T*>(a.out.data);
+  p.rows = a.x.sizes[0];
+  p.L = a.x.sizes[1];
+  p.xs = a.x.strides[0];
+  p.ss = a.s.strides[0];
+  p.rs = a.has_relevance ? a.relevance.strides[0] : 0;
+  p.gs = a.has_gradient ? a.gradient.strides[0] : 0;
+  p.os = a.out.strides[0];
+  if (p.rows == 0 || p.L == 0) return;
+  constexpr int kRowsPerBlock = kThreads / 32;
+  const int64_t blocks = (p.rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  if (blocks > int64_t(2147483647)) throw std::invalid_argument("softmax_rule: too many rows for one launch");
+  DeviceGuard guard(a.x.device_index);
+  const auto stream = reinterpret_cast<cudaStream_t>(a.stream);
+  if (a.has_relevance && a.has_gradient)
+    softmax_rule_kernel<T, true, true><<<unsigned(blocks), kThreads, 0, stream>>>(p);
+  else if (a.has_relevance)
+    softmax_rule_kernel<T, true, false><<<unsigned(blocks), kThreads, 0, stream>>>(p);
+  else
+    softmax_rule_kernel<T, false, true><<<unsigned(blocks), kThreads, 0, stream>>>(p);
+  check_launch("softmax_rule");
+}
+
 template <template <typename> class Fn, typename Args> void dispatch(DType dtype, const Args& a) {
   switch (dtype) {
     case DType::Float32: Fn<float>::run(a); return;
@@ -524,6 +590,7 @@ template <typename T> struct StabilizeDivide { static void run(const StabilizeDi
 template <typename T> struct Combine { static void run(const CombineArgs& a) { combine_t<T>(a); } };
 template <typename T> struct Pool { static void run(const PoolArgs& a) { pool_t<T>(a); } };
 template <typename T> struct Sum { static void run(const SumArgs& a) { sum_t<T>(a); } };
+template <typename T> struct SoftmaxRule { static void run(const SoftmaxRuleArgs& a) { softmax_rule_t<T>(a); } };
 
 }  // namespace
 
@@ -531,6 +598,7 @@ void stabilize_divide(const StabilizeDivideArgs& a) { dispatch<StabilizeDivide>(
 void combine(const CombineArgs& a) { dispatch<Combine>(a.x.dtype, a); }
 void pool(const PoolArgs& a) { dispatch<Pool>(a.x.dtype, a); }
 void sum(const SumArgs& a) { dispatch<Sum>(a.relevance.dtype, a); }
+void softmax_rule(const SoftmaxRuleArgs& a) { dispatch<SoftmaxRule>(a.x.dtype, a); }
 
 }  // namespace cuda
 }  // namespace fastlrp

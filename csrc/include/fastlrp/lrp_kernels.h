@@ -72,11 +72,26 @@ struct SumArgs {
   int64_t stream;
 };
 
+// AttnLRP's softmax rule for s = softmax(x) along rows: T = R + s * g (the relevance at s given as
+// relevance R, as a gradient g standing for s * g, or both), R_x = x * (T - s * sum_row(T)), and 0 where
+// x = -inf (a masked logit). One pass over each row (its sum, then the output, while it is in cache).
+struct SoftmaxRuleArgs {
+  View x;                       // (rows, L), unit stride along L
+  View s;                       // like x
+  View relevance;               // like x, where has_relevance
+  View gradient;                // like x, where has_gradient
+  bool has_relevance;
+  bool has_gradient;
+  View out;                     // like x
+  int64_t stream;
+};
+
 namespace cpu {
 void stabilize_divide(const StabilizeDivideArgs& a);
 void combine(const CombineArgs& a);
 void pool(const PoolArgs& a);
 void sum(const SumArgs& a);
+void softmax_rule(const SoftmaxRuleArgs& a);
 }  // namespace cpu
 
 #ifdef FASTLRP_WITH_CUDA
@@ -85,6 +100,7 @@ void stabilize_divide(const StabilizeDivideArgs& a);
 void combine(const CombineArgs& a);
 void pool(const PoolArgs& a);
 void sum(const SumArgs& a);
+void softmax_rule(const SoftmaxRuleArgs& a);
 }  // namespace cuda
 #endif
 

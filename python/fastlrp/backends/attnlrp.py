@@ -28,23 +28,37 @@ import torch.nn.functional as F
 from .. import ops
 from ..reference.attention import AttnLRPMode, _carrying, _DivideGradient
 from ..reference.stabilize import stabilize
+from .base import handle_of, offer_handle
 
 
 class _RelevanceToGradient(torch.autograd.Function):
-    """Identity forward; backward R -> R / stab(y), the relevance at the output as a gradient."""
+    """Two views of y: the output, whose backward is R -> R / stab(y) (the relevance at the output as a
+    gradient), and its handle (base.offer_handle: a gradient g there is the relevance y * g)."""
 
     @staticmethod
     def forward(ctx, y, stabilizer):
         ctx.save_for_backward(y)
         ctx.stabilizer = stabilizer
-        return y.view_as(y)
+        ctx.set_materialize_grads(False)
+        return y.view_as(y), y.view_as(y)
 
     @staticmethod
-    def backward(ctx, relevance):
+    def backward(ctx, relevance, gradient):
         (y,) = ctx.saved_tensors
+        eps = ctx.stabilizer
+        if gradient is not None:  # y * g: the handle's relevance
+            if relevance is None and y.ndim >= 2 and ops.native_supports(y.device, y.dtype):
+                return ops.sum_relevance([y], gradient, y, epsilon=eps)[0], None  # g y / stab(y), one pass
+            relevance = y * gradient if relevance is None else torch.addcmul(relevance, y, gradient)
+        if relevance is None:
+            return None, None
         if y.ndim >= 2 and ops.native_supports(y.device, y.dtype):  # one fused pass
-            return ops.stabilize_divide(relevance, [y], epsilon=ctx.stabilizer), None
-        return relevance / stabilize(y, ctx.stabilizer), None
+            return ops.stabilize_divide(relevance, [y], epsilon=eps), None
+        return relevance / stabilize(y, eps), None
+
+
+def _as_gradient_form(output: torch.Tensor, stabilizer: float) -> torch.Tensor:
+    return offer_handle(*_RelevanceToGradient.apply(output, stabilizer))
 
 
 class _GradientToRelevance(torch.autograd.Function):
@@ -136,34 +150,46 @@ def explain_in_forward(fn, inputs: tuple, receives: tuple, stabilizer: float, ho
     ``receive`` relevance enter through x * g, the others detached; the output leaves through
     R / stab(y). ``hold_attention`` None: no mode (a product whose split the caller makes);
     ``copy_inputs``: the block may write into its inputs."""
-    leaves = [_GradientToRelevance.apply(t, copy_inputs) if r and t.requires_grad
+    leaves = [_entry(t, copy_inputs) if r and t.requires_grad
               else (t.detach() if isinstance(t, torch.Tensor) else t) for t, r in zip(inputs, receives)]
     mode = contextlib.nullcontext() if hold_attention is None else FusedAttnLRPMode(hold_attention)
     with torch.enable_grad(), mode:
         output = fn(*leaves)
-    return _RelevanceToGradient.apply(output, stabilizer) if output.requires_grad else output
+    return _as_gradient_form(output, stabilizer) if output.requires_grad else output
+
+
+def _entry(t: torch.Tensor, copy: bool) -> torch.Tensor:
+    """Where an input enters a gradient-form layer: its producer's handle where it has one (the
+    gradient passes as it is), else through g -> x * g."""
+    handle = handle_of(t)
+    if handle is None:
+        return _GradientToRelevance.apply(t, copy)
+    return handle.clone() if copy else handle
 
 
 class _SoftmaxRelevance(torch.autograd.Function):
-    """The softmax rule (reference.softmax_relevance) with the output kept from the forward pass."""
+    """The softmax rule (reference.softmax_relevance) with the output kept from the forward pass. Its
+    output comes with a handle: a gradient g there is the relevance s * g, which the rule then takes
+    in the same pass (x * s * (g - sum(s g)) is x times the softmax's own gradient)."""
 
     @staticmethod
     def forward(ctx, fn, x, dim):
         s = fn(x)
         ctx.save_for_backward(x, s)
         ctx.dim = dim
-        return s
+        ctx.set_materialize_grads(False)
+        return s, s.view_as(s)
 
     @staticmethod
-    def backward(ctx, relevance):
+    def backward(ctx, relevance, gradient):
         x, s = ctx.saved_tensors
-        # x (R - s sum R) in three passes over the scores, written in place; a masked logit (-inf) gets 0
-        out = torch.addcmul(relevance, s, relevance.sum(ctx.dim, keepdim=True), value=-1).mul_(x)
-        return None, out.masked_fill_(torch.isneginf(x), 0), None
+        if relevance is None and gradient is None:
+            return None, None, None
+        return None, ops.softmax_relevance(x, s, relevance, gradient, ctx.dim), None
 
 
 def softmax(layer, x: torch.Tensor) -> torch.Tensor:
-    return _SoftmaxRelevance.apply(layer.fn, x, layer.dim)
+    return offer_handle(*_SoftmaxRelevance.apply(layer.fn, x, layer.dim))
 
 
 def bilinear(layer, inputs: tuple) -> torch.Tensor:

@@ -43,6 +43,32 @@ class Backend:
         return f"<fastlrp backend {self.name!r}>"
 
 
+# Gradient handles. A layer whose backward turns the relevance at its output into a gradient (the
+# transformer layers in gradient form) may attach to its output a *handle*: another tensor of the same
+# values on the same autograd node, where a gradient g stands for the relevance output * g. A consumer
+# in gradient form takes the handle as its input and hands it g as it is, instead of turning g into
+# relevance (x * g) for the producer to turn back (R / stab(y)): one pass over the tensor, not two.
+# Exact with any mix of consumers: autograd sums what the output and its handle receive, and both
+# conversions are linear in the relevance. Only the tensor the producer returned carries its handle
+# (a view or reshape of it is a new tensor without one).
+_HANDLE = "_fastlrp_gradient_handle"
+
+
+def offer_handle(output: torch.Tensor, handle: torch.Tensor) -> torch.Tensor:
+    setattr(output, _HANDLE, handle)
+    return output
+
+
+def handle_of(t) -> torch.Tensor | None:
+    return getattr(t, _HANDLE, None) if isinstance(t, torch.Tensor) else None
+
+
+def withdraw_handle(output) -> None:
+    """All relevance must reach ``output`` itself (a hook or a mask there has to see it)."""
+    if handle_of(output) is not None:
+        setattr(output, _HANDLE, None)
+
+
 class RuleFunction(torch.autograd.Function):
     """forward: ``layer.compute(*inputs)``; backward: ``backend.relevance(layer, saved inputs, R)``.
 

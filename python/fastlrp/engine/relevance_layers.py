@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import reference
+from ..backends.base import withdraw_handle
 from ..linear_form import LinearForm
 from ..rules import DeconvNet, Gradient, GuidedBackprop, Pass, Proportional, Rule
 from .call import WeightBudget, current_call
@@ -48,6 +49,8 @@ class RelevanceLayer(nn.Module):
             call.used[self.site] = backend.name
             output = backend.forward(self, inputs)
         mask = call.conditions.get(self.site)
+        if mask is not None or self.site in call.taps:
+            withdraw_handle(output)  # the mask and the tap must see all the relevance at the output
         if mask is not None and isinstance(output, torch.Tensor) and output.requires_grad:
             call.outputs[self.site] = output  # a chained backward pass restarts here, below the mask
             output = output.view_as(output)  # the mask's own node; before the tap, so taps see masked relevance

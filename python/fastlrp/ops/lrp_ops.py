@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .._native import _C, cuda_kernels_usable
 from ..reference.stabilize import stabilize
-from ._views import flat_view, readable, stream_of, view
+from ._views import DTYPE_CODES, device_of, flat_view, readable, stream_of, view
 
 MASK_NONE, MASK_POSITIVE, MASK_NEGATIVE = 0, 1, 2
 
@@ -41,9 +41,10 @@ def native_supports(device: torch.device, dtype: torch.dtype) -> bool:
     return False
 
 
-def _new_output(shape, like: Tensor) -> Tensor:
-    """Every kernel output is allocated here (tests replace it to poison outputs)."""
-    channels_last = like.ndim in (4, 5) and not like.is_contiguous() and like.is_contiguous(
+def _new_output(shape, like: Tensor, follow_layout: bool = True) -> Tensor:
+    """Every kernel output is allocated here (tests replace it to poison outputs); channels-last where
+    ``like`` is and ``follow_layout``, else contiguous."""
+    channels_last = follow_layout and like.ndim in (4, 5) and not like.is_contiguous() and like.is_contiguous(
         memory_format=torch.channels_last if like.ndim == 4 else torch.channels_last_3d)
     if channels_last:
         fmt = torch.channels_last if like.ndim == 4 else torch.channels_last_3d
@@ -442,3 +443,55 @@ def sum_relevance(inputs: Sequence[Tensor], relevance: Tensor, y: Tensor, alpha:
         raise ValueError(f"fastlrp.ops.{op}: relevance must be (N, C, ...), got shape {tuple(relevance.shape)}")
     args = ([readable(t) for t in inputs], alpha, readable(y), readable(relevance), float(epsilon))
     return (_sum_relevance_impl if _plain_eager((*args[0], args[2], args[3])) else _sum_relevance)(*args)
+
+
+# ---------------------------------------------------------------- softmax rule
+
+def _rows(t: Tensor, name: str, length: int) -> tuple:
+    """A contiguous tensor as the kernel's (rows, L) view along its last dim."""
+    rows = t.numel() // length if length else 0
+    return (name, t.data_ptr(), DTYPE_CODES[t.dtype], *device_of(t), [rows, length], [length, 1])
+
+
+def _softmax_relevance_impl(x: Tensor, s: Tensor, relevance: Optional[Tensor], gradient: Optional[Tensor],
+                            dim: int) -> Tensor:
+    out = _new_output(x.shape, x, follow_layout=False)  # contiguous: the kernel's rows
+    if dim % x.ndim == x.ndim - 1 and native_supports(x.device, x.dtype):  # rows along the last dim
+        length = x.shape[-1]
+        dense = [None if t is None else t.contiguous() for t in (x, s, relevance, gradient)]  # kept alive
+        rows = [None if t is None else _rows(t, name, length)
+                for t, name in zip(dense, ("x", "s", "relevance", "gradient"))]
+        _C.softmax_rule(*rows, _rows(out, "out", length), stream_of(x))
+        return out
+    total = relevance if gradient is None else (
+        s * gradient if relevance is None else torch.addcmul(relevance, s, gradient))
+    torch.mul(torch.addcmul(total, s, total.sum(dim, keepdim=True), value=-1), x, out=out)
+    return out.masked_fill_(torch.isneginf(x), 0)
+
+
+_softmax_relevance = torch.library.custom_op("fastlrp::softmax_relevance", mutates_args=(),
+                                             tags=_EXACT_STRIDES)(_softmax_relevance_impl)
+
+
+@_softmax_relevance.register_fake
+def _(x, s, relevance, gradient, dim):
+    return _new_output(x.shape, x, follow_layout=False)
+
+
+def softmax_relevance(x: Tensor, s: Tensor, relevance: Optional[Tensor] = None, gradient: Optional[Tensor] = None,
+                      dim: int = -1) -> Tensor:
+    """AttnLRP's softmax rule for s = softmax(x, dim): R_x = x * (T - s * sum_dim(T)) with T = R + s * g, the
+    relevance at s given as relevance R, as a gradient g (the relevance s * g), or both; a masked logit
+    (x = -inf) gets 0. One pass over rows along ``dim``."""
+    op = "softmax_relevance"
+    _check_float(x, "x", op)
+    _check_like(x, "x", s, "s", op)
+    if relevance is None and gradient is None:
+        raise ValueError(f"fastlrp.ops.{op}: give the relevance at s, its gradient form, or both")
+    for t, name in ((relevance, "relevance"), (gradient, "gradient")):
+        if t is not None:
+            _check_like(x, "x", t, name, op)
+    if not -x.ndim <= dim < x.ndim:
+        raise ValueError(f"fastlrp.ops.{op}: dim {dim} is out of range for x of shape {tuple(x.shape)}")
+    args = (x, s, relevance, gradient, int(dim))
+    return (_softmax_relevance_impl if _plain_eager((x, s, relevance, gradient)) else _softmax_relevance)(*args)
