@@ -121,8 +121,8 @@ def tiny_mvit():
 
 class Handoffs(nn.Module):
     """Gradient-form layers feeding each other directly, each output also read by a layer in relevance
-    form: q k^T into a kept-whole block and into a sum, the softmax into the product with v and into
-    the head (backends/base.py, gradient handles)."""
+    form (a sum): q k^T into a kept-whole block, the block into the softmax, the softmax into the
+    product with v (backends/base.py, gradient handles)."""
 
     def __init__(self, width=6, length=5):
         super().__init__()
@@ -132,8 +132,9 @@ class Handoffs(nn.Module):
     def forward(self, x):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         scores = q @ k.transpose(-2, -1)
-        weights = torch.softmax(mixer(scores, self.weight) + scores, dim=-1)
-        return self.head(torch.cat([weights @ v, weights], -1)[:, -1])
+        mixed = mixer(scores, self.weight)
+        weights = torch.softmax(mixed, dim=-1)
+        return self.head(torch.cat([weights @ v, weights + mixed + scores], -1)[:, -1])
 
 
 MODELS = {
@@ -186,12 +187,15 @@ def test_gradient_handles_skip_conversions_and_keep_every_layers_relevance(name,
     build, shape = MODELS[name]
     model = build()
     x = torch.randn(*shape, dtype=F64)
-    conversions = []
-    entry = attnlrp._GradientToRelevance.apply
+    conversions, softmax_divides = [], []
+    entry, softmax_rule = attnlrp._GradientToRelevance.apply, attnlrp.ops.softmax_relevance
     monkeypatch.setattr(attnlrp._GradientToRelevance, "apply", lambda *a: conversions.append(1) or entry(*a))
+    monkeypatch.setattr(attnlrp.ops, "softmax_relevance",
+                        lambda *a: softmax_divides.append(a[5] is not None) or softmax_rule(*a))
     explainer = LRP(model, "attnlrp", backend="native")
     with_handles = explainer(x, 1)
     used = len(conversions)
+    assert any(softmax_divides) == (name != "explicit_causal")  # a softmax fed by a gradient-form layer
     handle_of = attnlrp.handle_of
     monkeypatch.setattr(attnlrp, "handle_of", lambda t: None)
     conversions.clear()

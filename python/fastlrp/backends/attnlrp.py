@@ -28,37 +28,40 @@ import torch.nn.functional as F
 from .. import ops
 from ..reference.attention import AttnLRPMode, _carrying, _DivideGradient
 from ..reference.stabilize import stabilize
-from .base import handle_of, offer_handle
+from .base import Handle, handle_of, offer_handle
 
 
 class _RelevanceToGradient(torch.autograd.Function):
-    """Two views of y: the output, whose backward is R -> R / stab(y) (the relevance at the output as a
-    gradient), and its handle (base.offer_handle: a gradient g there is the relevance y * g)."""
+    """Two views of y: the output, whose backward is R -> c R / stab(y) (the relevance at the output as a
+    gradient, times the layer's share c), and its handle (base.offer_handle: a gradient g there is the
+    relevance y * g)."""
 
     @staticmethod
-    def forward(ctx, y, stabilizer):
+    def forward(ctx, y, stabilizer, share):
         ctx.save_for_backward(y)
-        ctx.stabilizer = stabilizer
+        ctx.stabilizer, ctx.share = stabilizer, share
         ctx.set_materialize_grads(False)
         return y.view_as(y), y.view_as(y)
 
     @staticmethod
     def backward(ctx, relevance, gradient):
         (y,) = ctx.saved_tensors
-        eps = ctx.stabilizer
+        eps, share = ctx.stabilizer, ctx.share
+        fused = y.ndim >= 2 and ops.native_supports(y.device, y.dtype)
         if gradient is not None:  # y * g: the handle's relevance
-            if relevance is None and y.ndim >= 2 and ops.native_supports(y.device, y.dtype):
-                return ops.sum_relevance([y], gradient, y, epsilon=eps)[0], None  # g y / stab(y), one pass
+            if relevance is None and fused:  # c g y / stab(y), one pass
+                return ops.sum_relevance([y], gradient, y, [share], epsilon=eps)[0], None, None
             relevance = y * gradient if relevance is None else torch.addcmul(relevance, y, gradient)
         if relevance is None:
-            return None, None
-        if y.ndim >= 2 and ops.native_supports(y.device, y.dtype):  # one fused pass
-            return ops.stabilize_divide(relevance, [y], epsilon=eps), None
-        return relevance / stabilize(y, eps), None
+            return None, None, None
+        if fused:  # one pass
+            return ops.stabilize_divide(relevance, [y], [share], epsilon=eps), None, None
+        return relevance * share / stabilize(y, eps), None, None
 
 
-def _as_gradient_form(output: torch.Tensor, stabilizer: float) -> torch.Tensor:
-    return offer_handle(*_RelevanceToGradient.apply(output, stabilizer))
+def _as_gradient_form(output: torch.Tensor, stabilizer: float, share: float = 1.0) -> torch.Tensor:
+    converted, gradient = _RelevanceToGradient.apply(output, stabilizer, share)
+    return offer_handle(converted, Handle(gradient, output, stabilizer, share))
 
 
 class _GradientToRelevance(torch.autograd.Function):
@@ -145,17 +148,17 @@ class FusedAttnLRPMode(AttnLRPMode):
 
 
 def explain_in_forward(fn, inputs: tuple, receives: tuple, stabilizer: float, hold_attention: bool | None = None,
-                       copy_inputs: bool = False) -> torch.Tensor:
+                       copy_inputs: bool = False, share: float = 1.0) -> torch.Tensor:
     """``fn(*inputs)`` with the AttnLRP rule recorded for the backward pass: the inputs that
     ``receive`` relevance enter through x * g, the others detached; the output leaves through
-    R / stab(y). ``hold_attention`` None: no mode (a product whose split the caller makes);
-    ``copy_inputs``: the block may write into its inputs."""
+    share * R / stab(y). ``hold_attention`` None: no mode (a product, whose uniform split is
+    ``share``); ``copy_inputs``: the block may write into its inputs."""
     leaves = [_entry(t, copy_inputs) if r and t.requires_grad
               else (t.detach() if isinstance(t, torch.Tensor) else t) for t, r in zip(inputs, receives)]
     mode = contextlib.nullcontext() if hold_attention is None else FusedAttnLRPMode(hold_attention)
     with torch.enable_grad(), mode:
         output = fn(*leaves)
-    return _as_gradient_form(output, stabilizer) if output.requires_grad else output
+    return _as_gradient_form(output, stabilizer, share) if output.requires_grad else output
 
 
 def _entry(t: torch.Tensor, copy: bool) -> torch.Tensor:
@@ -164,19 +167,21 @@ def _entry(t: torch.Tensor, copy: bool) -> torch.Tensor:
     handle = handle_of(t)
     if handle is None:
         return _GradientToRelevance.apply(t, copy)
-    return handle.clone() if copy else handle
+    return handle.gradient.clone() if copy else handle.gradient
 
 
 class _SoftmaxRelevance(torch.autograd.Function):
     """The softmax rule (reference.softmax_relevance) with the output kept from the forward pass. Its
-    output comes with a handle: a gradient g there is the relevance s * g, which the rule then takes
-    in the same pass (x * s * (g - sum(s g)) is x times the softmax's own gradient)."""
+    output comes with a handle: a gradient g there is the relevance s * g, which the rule takes in the
+    same pass (x * s * (g - sum(s g)) is x times the softmax's own gradient). Where x is the raw output
+    of a layer in gradient form (``producer``: its stabilizer and share), the rule's pass also makes
+    that layer's gradient, share * R_x / stab(x)."""
 
     @staticmethod
-    def forward(ctx, fn, x, dim):
+    def forward(ctx, fn, x, dim, producer):
         s = fn(x)
         ctx.save_for_backward(x, s)
-        ctx.dim = dim
+        ctx.dim, ctx.producer = dim, producer
         ctx.set_materialize_grads(False)
         return s, s.view_as(s)
 
@@ -184,23 +189,27 @@ class _SoftmaxRelevance(torch.autograd.Function):
     def backward(ctx, relevance, gradient):
         x, s = ctx.saved_tensors
         if relevance is None and gradient is None:
-            return None, None, None
-        return None, ops.softmax_relevance(x, s, relevance, gradient, ctx.dim), None
+            return None, None, None, None
+        epsilon, share = ctx.producer if ctx.producer is not None else (None, 1.0)
+        return None, ops.softmax_relevance(x, s, relevance, gradient, ctx.dim, epsilon, share), None, None
 
 
 def softmax(layer, x: torch.Tensor) -> torch.Tensor:
-    return offer_handle(*_SoftmaxRelevance.apply(layer.fn, x, layer.dim))
+    producer = handle_of(x)
+    if producer is not None and producer.raw is not None:  # skip the producer's conversion
+        x, producer = producer.raw, (producer.stabilizer, producer.share)
+    else:
+        producer = None
+    output, gradient = _SoftmaxRelevance.apply(layer.fn, x, layer.dim, producer)
+    return offer_handle(output, Handle(gradient))
 
 
 def bilinear(layer, inputs: tuple) -> torch.Tensor:
     """The uniform rule: Epsilon on the product, divided among the operands that receive relevance."""
-    share = sum(bool(r) for r in layer.receives)  # as the reference: the operands the graph says carry
-
-    def product(*operands):
-        out = layer.fn(*operands)
-        return _DivideGradient.apply(out, share) if share > 1 else out
-
-    return explain_in_forward(product, inputs, layer.receives, layer.rule.stabilizer)
+    carrying = sum(bool(r) for r in layer.receives)  # as the reference: the operands the graph says carry
+    # the split is a factor on the gradient at the output, taken in the conversion's own pass
+    return explain_in_forward(layer.fn, inputs, layer.receives, layer.rule.stabilizer,
+                              share=1.0 / max(1, carrying))
 
 
 def block(layer, inputs: tuple) -> torch.Tensor:
