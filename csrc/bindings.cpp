@@ -260,11 +260,8 @@ void sum(const py::list& x, const std::vector<double>& alpha, const py::tuple& y
 }
 
 void softmax_rule(const py::tuple& x, const py::tuple& s, const py::object& relevance, const py::object& gradient,
-                  const py::tuple& out, bool divide, double coefficient, double epsilon, int64_t stream) {
+                  const py::tuple& out, int64_t stream) {
   fl::SoftmaxRuleArgs a;
-  a.divide = divide;
-  a.coefficient = coefficient;
-  a.epsilon = epsilon;
   a.x = to_view(x);
   fl::check_rank(a.x, 2);
   a.s = to_view(s);
@@ -311,7 +308,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("combine", &combine, "R_in = sum_k m_k(x) * g_k, one pass");
   m.def("pool", &pool, "average / proportional max pooling LRP over separable windows");
   m.def("sum", &sum, "N-ary sum LRP: R_i = a_i x_i R / stab(y), one pass");
-  m.def("softmax_rule", &softmax_rule, "AttnLRP softmax rule R_x = x (T - s sum T), T = R + s g (or c R_x / stab(x)), one pass per row");
+  m.def("softmax_rule", &softmax_rule, "AttnLRP softmax rule R_x = x (T - s sum T), T = R + s g, one pass per row");
   m.attr("has_cuda_kernels") = py::bool_(
 #ifdef FASTLRP_WITH_CUDA
       true

@@ -208,10 +208,6 @@ def test_softmax_relevance(device, shape, given):
             got = ops.softmax_relevance(x, s, R, g, dim)
             assert got.is_contiguous() and got.dtype == dtype
             torch.testing.assert_close(got.double(), expected, **TOL[dtype])
-            # the producer's gradient in the same pass: c R_x / stab(x), 0 at masked logits
-            divided = ops.softmax_relevance(x, s, R, g, dim, epsilon=0.25, coefficient=0.5)
-            expected_divided = (0.5 * expected / stabilize(x.double(), 0.25)).nan_to_num(0.0, posinf=0.0, neginf=0.0)
-            torch.testing.assert_close(divided.double(), expected_divided, **TOL[dtype])
             if x.ndim >= 2:  # non-contiguous inputs, rows still along the last dim
                 xt, st = x.transpose(0, 1).contiguous().transpose(0, 1), s.transpose(0, 1).contiguous().transpose(0, 1)
                 torch.testing.assert_close(ops.softmax_relevance(xt, st, R, g, dim), got, rtol=0, atol=0)
@@ -232,8 +228,8 @@ def test_opcheck_every_op():
     torch.library.opcheck(torch.ops.fastlrp.pool_relevance, (xp, torch.randn_like(yp), yp, False, index, scale, 1.0,
                                                              1e-6))
     s = torch.softmax(x, -1)
-    torch.library.opcheck(torch.ops.fastlrp.softmax_relevance, (x, s, y, None, -1, None, 1.0))
-    torch.library.opcheck(torch.ops.fastlrp.softmax_relevance, (x, s, None, y, 1, 1e-6, 0.5))
+    torch.library.opcheck(torch.ops.fastlrp.softmax_relevance, (x, s, y, None, -1))
+    torch.library.opcheck(torch.ops.fastlrp.softmax_relevance, (x, s, None, y, 1))
 
 
 @native
@@ -287,10 +283,9 @@ def test_native_entry_points_validate_views():
         _C.stabilize_divide(view(a, "relevance"), [], None, [], [], [], 1e-6, 0)
     rows = a.reshape(6, 4)
     with pytest.raises(ValueError, match="needs the relevance at s"):
-        _C.softmax_rule(view(rows, "x"), view(rows, "s"), None, None, view(rows, "out"), False, 1.0, 0.0, 0)
+        _C.softmax_rule(view(rows, "x"), view(rows, "s"), None, None, view(rows, "out"), 0)
     with pytest.raises(ValueError, match="s must have unit stride"):
-        _C.softmax_rule(view(rows, "x"), view(a.reshape(4, 6).t(), "s"), view(rows, "r"), None, view(rows, "out"),
-                        False, 1.0, 0.0, 0)
+        _C.softmax_rule(view(rows, "x"), view(a.reshape(4, 6).t(), "s"), view(rows, "r"), None, view(rows, "out"), 0)
 
 
 def test_fallback_without_kernels_matches(monkeypatch):

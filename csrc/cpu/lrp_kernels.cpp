@@ -356,12 +356,11 @@ inline T softmax_total(const T* r, const T* s, const T* g, int64_t i) {
   else return s[i] * g[i];
 }
 
-template <typename T, bool HasR, bool HasG, bool Divide>
+template <typename T, bool HasR, bool HasG>
 void softmax_rule_rows(const SoftmaxRuleArgs& a) {
   const int64_t rows = a.x.sizes[0], L = a.x.sizes[1];
   const auto at = [](const View& v, int64_t r) { return static_cast<T*>(v.data) + r * v.strides[0]; };
   constexpr T kMasked = -std::numeric_limits<T>::infinity();
-  const T coef = T(a.coefficient), eps = T(a.epsilon);
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const T* x = at(a.x, r);
@@ -374,8 +373,7 @@ void softmax_rule_rows(const SoftmaxRuleArgs& a) {
     for (int64_t i = 0; i < L; ++i) total += softmax_total<T, HasR, HasG>(R, s, g, i);
 #pragma omp simd
     for (int64_t i = 0; i < L; ++i) {
-      T v = x[i] * (softmax_total<T, HasR, HasG>(R, s, g, i) - s[i] * total);
-      if constexpr (Divide) v = coef * (v / stabilized(x[i], eps));
+      const T v = x[i] * (softmax_total<T, HasR, HasG>(R, s, g, i) - s[i] * total);
       o[i] = x[i] == kMasked ? T(0) : v;
     }
   }
@@ -383,15 +381,9 @@ void softmax_rule_rows(const SoftmaxRuleArgs& a) {
 
 template <typename T>
 void softmax_rule_impl(const SoftmaxRuleArgs& a) {
-  if (a.divide) {
-    if (a.has_relevance && a.has_gradient) softmax_rule_rows<T, true, true, true>(a);
-    else if (a.has_relevance) softmax_rule_rows<T, true, false, true>(a);
-    else softmax_rule_rows<T, false, true, true>(a);
-  } else {
-    if (a.has_relevance && a.has_gradient) softmax_rule_rows<T, true, true, false>(a);
-    else if (a.has_relevance) softmax_rule_rows<T, true, false, false>(a);
-    else softmax_rule_rows<T, false, true, false>(a);
-  }
+  if (a.has_relevance && a.has_gradient) softmax_rule_rows<T, true, true>(a);
+  else if (a.has_relevance) softmax_rule_rows<T, true, false>(a);
+  else softmax_rule_rows<T, false, true>(a);
 }
 
 template <template <typename> class Fn, typename Args>

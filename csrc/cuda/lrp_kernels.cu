@@ -516,7 +516,6 @@ template <typename T> struct SoftmaxParams {
   const T *x, *s, *r, *g;
   T* out;
   int64_t rows, L, xs, ss, rs, gs, os;  // row strides
-  double coefficient, epsilon;          // where the kernel divides: coefficient * R_x / stab(x)
 };
 
 template <typename T, bool HasR, bool HasG>
@@ -527,7 +526,7 @@ __device__ __forceinline__ typename Acc<T>::type softmax_total(const T* r, const
   else return A(load(s + i) * load(g + i));
 }
 
-template <typename T, bool HasR, bool HasG, bool Divide> __global__ void softmax_rule_kernel(SoftmaxParams<T> p) {
+template <typename T, bool HasR, bool HasG> __global__ void softmax_rule_kernel(SoftmaxParams<T> p) {
   using A = typename Acc<T>::type;
   const int lane = threadIdx.x & 31;
   const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
@@ -543,28 +542,9 @@ template <typename T, bool HasR, bool HasG, bool Divide> __global__ void softmax
   for (int offset = 16; offset > 0; offset >>= 1) total += __shfl_xor_sync(0xffffffffu, total, offset);
   for (int64_t i = lane; i < p.L; i += 32) {
     const A xv = load(x + i);
-    A v = xv * (softmax_total<T, HasR, HasG>(r, s, g, i) - load(s + i) * total);
-    if constexpr (Divide) v = A(p.coefficient) * (v / stabilized(xv, A(p.epsilon)));
+    const A v = xv * (softmax_total<T, HasR, HasG>(r, s, g, i) - load(s + i) * total);
     store(o + i, (isinf(xv) && xv < A(0)) ? A(0) : v);
   }
-}
-
-template <typename T, bool Divide>
-void softmax_rule_variant(const SoftmaxRuleArgs& a, const SoftmaxParams<T>& p, unsigned blocks, cudaStream_t stream) {
-  if (a.has_relevance && a.has_gradient)
-    softmax_rule_kernel<T, true, true, Divide><<<blocks, kThreads, 0, stream>>>(p);
-  else if (a.has_relevance)
-    softmax_rule_kernel<T, true, false, Divide><<<blocks, kThreads, 0, stream>>>(p);
-  else
-    softmax_rule_kernel<T, false, true, Divide><<<blocks, kThreads, 0, stream>>>(p);
-}
-
-template <typename T>
-void softmax_rule_launch(const SoftmaxRuleArgs& a, const SoftmaxParams<T>& p, unsigned blocks, cudaStream_t stream) {
-  if (a.divide)
-    softmax_rule_variant<T, true>(a, p, blocks, stream);
-  else
-    softmax_rule_variant<T, false>(a, p, blocks, stream);
 }
 
 template <typename T> void softmax_rule_t(const SoftmaxRuleArgs& a) {
@@ -581,15 +561,18 @@ template <typename T> void softmax_rule_t(const SoftmaxRuleArgs& a) {
   p.rs = a.has_relevance ? a.relevance.strides[0] : 0;
   p.gs = a.has_gradient ? a.gradient.strides[0] : 0;
   p.os = a.out.strides[0];
-  p.coefficient = a.coefficient;
-  p.epsilon = a.epsilon;
   if (p.rows == 0 || p.L == 0) return;
   constexpr int kRowsPerBlock = kThreads / 32;
   const int64_t blocks = (p.rows + kRowsPerBlock - 1) / kRowsPerBlock;
   if (blocks > int64_t(2147483647)) throw std::invalid_argument("softmax_rule: too many rows for one launch");
   DeviceGuard guard(a.x.device_index);
   const auto stream = reinterpret_cast<cudaStream_t>(a.stream);
-  softmax_rule_launch<T>(a, p, unsigned(blocks), stream);
+  if (a.has_relevance && a.has_gradient)
+    softmax_rule_kernel<T, true, true><<<unsigned(blocks), kThreads, 0, stream>>>(p);
+  else if (a.has_relevance)
+    softmax_rule_kernel<T, true, false><<<unsigned(blocks), kThreads, 0, stream>>>(p);
+  else
+    softmax_rule_kernel<T, false, true><<<unsigned(blocks), kThreads, 0, stream>>>(p);
   check_launch("softmax_rule");
 }
 

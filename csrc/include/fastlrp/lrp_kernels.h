@@ -74,9 +74,7 @@ struct SumArgs {
 
 // AttnLRP's softmax rule for s = softmax(x) along rows: T = R + s * g (the relevance at s given as
 // relevance R, as a gradient g standing for s * g, or both), R_x = x * (T - s * sum_row(T)), and 0 where
-// x = -inf (a masked logit). With divide, the output is the gradient c R_x / stab(x) that x's producer
-// (a layer in gradient form) would compute from it. One pass over each row (its sum, then the output,
-// while it is in cache).
+// x = -inf (a masked logit). One pass over each row (its sum, then the output, while it is in cache).
 struct SoftmaxRuleArgs {
   View x;                       // (rows, L), unit stride along L
   View s;                       // like x
@@ -84,9 +82,6 @@ struct SoftmaxRuleArgs {
   View gradient;                // like x, where has_gradient
   bool has_relevance;
   bool has_gradient;
-  bool divide;                  // out = coefficient * R_x / stab(x)
-  double coefficient;
-  double epsilon;
   View out;                     // like x
   int64_t stream;
 };

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..reference.attention import AttnLRPMode, _carrying, _DivideGradient
 from ..reference.stabilize import stabilize
-from .base import Handle, handle_of, offer_handle
+from .base import handle_of, offer_handle
 
 
 class _RelevanceToGradient(torch.autograd.Function):
@@ -60,8 +60,7 @@ class _RelevanceToGradient(torch.autograd.Function):
 
 
 def _as_gradient_form(output: torch.Tensor, stabilizer: float, share: float = 1.0) -> torch.Tensor:
-    converted, gradient = _RelevanceToGradient.apply(output, stabilizer, share)
-    return offer_handle(converted, Handle(gradient, output, stabilizer, share))
+    return offer_handle(*_RelevanceToGradient.apply(output, stabilizer, share))
 
 
 class _GradientToRelevance(torch.autograd.Function):
@@ -167,41 +166,34 @@ def _entry(t: torch.Tensor, copy: bool) -> torch.Tensor:
     handle = handle_of(t)
     if handle is None:
         return _GradientToRelevance.apply(t, copy)
-    return handle.gradient.clone() if copy else handle.gradient
+    return handle.clone() if copy else handle
 
 
 class _SoftmaxRelevance(torch.autograd.Function):
     """The softmax rule (reference.softmax_relevance) with the output kept from the forward pass. Its
-    output comes with a handle: a gradient g there is the relevance s * g, which the rule takes in the
-    same pass (x * s * (g - sum(s g)) is x times the softmax's own gradient). Where x is the raw output
-    of a layer in gradient form (``producer``: its stabilizer and share), the rule's pass also makes
-    that layer's gradient, share * R_x / stab(x)."""
+    output comes with a handle: a gradient g there is the relevance s * g, which the rule then takes
+    in the same pass (x * s * (g - sum(s g)) is x times the softmax's own gradient)."""
 
     @staticmethod
-    def forward(ctx, fn, x, dim, producer):
+    def forward(ctx, fn, x, dim):
         s = fn(x)
         ctx.save_for_backward(x, s)
-        ctx.dim, ctx.producer = dim, producer
+        ctx.dim = dim
         ctx.set_materialize_grads(False)
-        return s, s.view_as(s)
+        # views, not s itself: an output that is saved and carries its handle would hold its own node
+        # through the handle, a cycle through autograd's C++ side that Python's collector cannot free
+        return s.view_as(s), s.view_as(s)
 
     @staticmethod
     def backward(ctx, relevance, gradient):
         x, s = ctx.saved_tensors
         if relevance is None and gradient is None:
-            return None, None, None, None
-        epsilon, share = ctx.producer if ctx.producer is not None else (None, 1.0)
-        return None, ops.softmax_relevance(x, s, relevance, gradient, ctx.dim, epsilon, share), None, None
+            return None, None, None
+        return None, ops.softmax_relevance(x, s, relevance, gradient, ctx.dim), None
 
 
 def softmax(layer, x: torch.Tensor) -> torch.Tensor:
-    producer = handle_of(x)
-    if producer is not None and producer.raw is not None:  # skip the producer's conversion
-        x, producer = producer.raw, (producer.stabilizer, producer.share)
-    else:
-        producer = None
-    output, gradient = _SoftmaxRelevance.apply(layer.fn, x, layer.dim, producer)
-    return offer_handle(output, Handle(gradient))
+    return offer_handle(*_SoftmaxRelevance.apply(layer.fn, x, layer.dim))
 
 
 def bilinear(layer, inputs: tuple) -> torch.Tensor:

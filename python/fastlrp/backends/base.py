@@ -11,8 +11,6 @@ reference backend runs every layer by its own ``reference_relevance``: the oracl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 
@@ -50,28 +48,18 @@ class Backend:
 # values on the same autograd node, where a gradient g stands for the relevance output * g. A consumer
 # in gradient form takes the handle as its input and hands it g as it is, instead of turning g into
 # relevance (x * g) for the producer to turn back (R / stab(y)): one pass over the tensor, not two.
-# A consumer that can compute the producer's own gradient, share * R / stab(y), in its rule's pass (the
-# softmax rule) takes ``raw``, the output before that conversion, and skips it. Exact with any mix of
-# consumers: autograd sums what the output, the handle and the raw output receive, and the conversions
-# are linear in the relevance. Only the tensor the producer returned carries a handle (a view or reshape
-# of it is a new tensor without one).
+# Exact with any mix of consumers: autograd sums what the output and its handle receive, and both
+# conversions are linear in the relevance. Only the tensor the producer returned carries its handle
+# (a view or reshape of it is a new tensor without one).
 _HANDLE = "_fastlrp_gradient_handle"
 
 
-@dataclass(frozen=True)
-class Handle:
-    gradient: torch.Tensor              # a gradient g here is the relevance y * g
-    raw: torch.Tensor | None = None     # a gradient here is the producer's own: share * R / stab(y)
-    stabilizer: float = 0.0
-    share: float = 1.0
-
-
-def offer_handle(output: torch.Tensor, handle: Handle) -> torch.Tensor:
+def offer_handle(output: torch.Tensor, handle: torch.Tensor) -> torch.Tensor:
     setattr(output, _HANDLE, handle)
     return output
 
 
-def handle_of(t) -> Handle | None:
+def handle_of(t) -> torch.Tensor | None:
     return getattr(t, _HANDLE, None) if isinstance(t, torch.Tensor) else None
 
 

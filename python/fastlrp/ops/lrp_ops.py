@@ -454,22 +454,19 @@ def _rows(t: Tensor, name: str, length: int) -> tuple:
 
 
 def _softmax_relevance_impl(x: Tensor, s: Tensor, relevance: Optional[Tensor], gradient: Optional[Tensor],
-                            dim: int, epsilon: Optional[float], coefficient: float) -> Tensor:
+                            dim: int) -> Tensor:
     out = _new_output(x.shape, x, follow_layout=False)  # contiguous: the kernel's rows
     if dim % x.ndim == x.ndim - 1 and native_supports(x.device, x.dtype):  # rows along the last dim
         length = x.shape[-1]
         dense = [None if t is None else t.contiguous() for t in (x, s, relevance, gradient)]  # kept alive
         rows = [None if t is None else _rows(t, name, length)
                 for t, name in zip(dense, ("x", "s", "relevance", "gradient"))]
-        _C.softmax_rule(*rows, _rows(out, "out", length), epsilon is not None, float(coefficient),
-                        0.0 if epsilon is None else float(epsilon), stream_of(x))
+        _C.softmax_rule(*rows, _rows(out, "out", length), stream_of(x))
         return out
     total = relevance if gradient is None else (
         s * gradient if relevance is None else torch.addcmul(relevance, s, gradient))
-    rule = torch.addcmul(total, s, total.sum(dim, keepdim=True), value=-1).mul_(x)
-    if epsilon is not None:
-        rule = rule.div_(stabilize(x, epsilon)).mul_(coefficient)
-    return out.copy_(rule).masked_fill_(torch.isneginf(x), 0)
+    torch.mul(torch.addcmul(total, s, total.sum(dim, keepdim=True), value=-1), x, out=out)
+    return out.masked_fill_(torch.isneginf(x), 0)
 
 
 _softmax_relevance = torch.library.custom_op("fastlrp::softmax_relevance", mutates_args=(),
@@ -477,16 +474,15 @@ _softmax_relevance = torch.library.custom_op("fastlrp::softmax_relevance", mutat
 
 
 @_softmax_relevance.register_fake
-def _(x, s, relevance, gradient, dim, epsilon, coefficient):
+def _(x, s, relevance, gradient, dim):
     return _new_output(x.shape, x, follow_layout=False)
 
 
-def softmax_relevance(x: Tensor, s: Tensor, relevance: Tensor | None = None, gradient: Tensor | None = None,
-                      dim: int = -1, epsilon: float | None = None, coefficient: float = 1.0) -> Tensor:
+def softmax_relevance(x: Tensor, s: Tensor, relevance: Optional[Tensor] = None, gradient: Optional[Tensor] = None,
+                      dim: int = -1) -> Tensor:
     """AttnLRP's softmax rule for s = softmax(x, dim): R_x = x * (T - s * sum_dim(T)) with T = R + s * g, the
     relevance at s given as relevance R, as a gradient g (the relevance s * g), or both; a masked logit
-    (x = -inf) gets 0. With ``epsilon``, the output is coefficient * R_x / stab(x): the gradient that x's
-    producer, a layer in gradient form, would pass on (backends/attnlrp.py). One pass over rows along ``dim``."""
+    (x = -inf) gets 0. One pass over rows along ``dim``."""
     op = "softmax_relevance"
     _check_float(x, "x", op)
     _check_like(x, "x", s, "s", op)
@@ -497,5 +493,5 @@ def softmax_relevance(x: Tensor, s: Tensor, relevance: Tensor | None = None, gra
             _check_like(x, "x", t, name, op)
     if not -x.ndim <= dim < x.ndim:
         raise ValueError(f"fastlrp.ops.{op}: dim {dim} is out of range for x of shape {tuple(x.shape)}")
-    args = (x, s, relevance, gradient, int(dim), None if epsilon is None else float(epsilon), float(coefficient))
+    args = (x, s, relevance, gradient, int(dim))
     return (_softmax_relevance_impl if _plain_eager((x, s, relevance, gradient)) else _softmax_relevance)(*args)
