@@ -8,12 +8,12 @@ import torch
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3, torch.int64: 4}
 
 
-def device_of(t: torch.Tensor) -> tuple:
+def _device(t: torch.Tensor) -> tuple:
     return (1, t.get_device()) if t.is_cuda else (0, -1)
 
 
 def view(t: torch.Tensor, name: str) -> tuple:
-    return (name, t.data_ptr(), DTYPE_CODES[t.dtype], *device_of(t), list(t.shape), list(t.stride()))
+    return (name, t.data_ptr(), DTYPE_CODES[t.dtype], *_device(t), list(t.shape), list(t.stride()))
 
 
 def _spatial_stride(shape, strides):
@@ -70,7 +70,7 @@ def flat_view(t: torch.Tensor, name: str) -> tuple:
     """``view(collapse_spatial(t, name), name)`` without creating the intermediate tensor: the ops build
     several of these per call, and each tensor created costs microseconds."""
     sizes, strides = _collapsed(t, name)
-    return (name, t.data_ptr(), DTYPE_CODES[t.dtype], *device_of(t), sizes, strides)
+    return (name, t.data_ptr(), DTYPE_CODES[t.dtype], *_device(t), sizes, strides)
 
 
 def stream_of(t: torch.Tensor) -> int:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .._native import _C, cuda_kernels_usable
 from ..reference.stabilize import stabilize
-from ._views import DTYPE_CODES, device_of, flat_view, readable, stream_of, view
+from ._views import flat_view, readable, stream_of, view
 
 MASK_NONE, MASK_POSITIVE, MASK_NEGATIVE = 0, 1, 2
 
@@ -449,8 +449,7 @@ def sum_relevance(inputs: Sequence[Tensor], relevance: Tensor, y: Tensor, alpha:
 
 def _rows(t: Tensor, name: str, length: int) -> tuple:
     """A contiguous tensor as the kernel's (rows, L) view along its last dim."""
-    rows = t.numel() // length if length else 0
-    return (name, t.data_ptr(), DTYPE_CODES[t.dtype], *device_of(t), [rows, length], [length, 1])
+    return view(t.view(t.numel() // length if length else 0, length), name)
 
 
 def _softmax_relevance_impl(x: Tensor, s: Tensor, relevance: Optional[Tensor], gradient: Optional[Tensor],
