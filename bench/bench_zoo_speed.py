@@ -1,7 +1,10 @@
 """Issue 14, item 8: LRP time over the input-gradient time on transformers (AttnLRP, CP-LRP; LXT for ViT)
 and mobile nets (epsilon_plus, epsilon_gamma_box), against the rule's arithmetic floor.
 
-    PYTHONPATH=python python bench/bench_zoo_speed.py --threads 1 --repeats 5
+    PYTHONPATH=python python bench/bench_zoo_speed.py --threads 1 --repeats 5 [--allocator reuse]
+
+``--allocator reuse`` first calls fastlrp.reuse_freed_memory() (glibc keeps freed pages: no page faults
+per call, as in the fastlrp command line); each row records the median kernel (system) time per call.
 
 Every provider of a model runs once per round, in turn, so a slow patch of a shared machine hits them
 alike; the ratio is the median over rounds of (provider time / gradient time in the same round).
@@ -17,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import statistics
 import sys
 import time
@@ -89,8 +93,13 @@ def main(argv=None):
     p.add_argument("--mobile-size", type=int, default=160)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--allocator", choices=("default", "reuse"), default="default",
+                   help="reuse: fastlrp.reuse_freed_memory() first (glibc keeps freed pages; no page faults per "
+                        "call), as the fastlrp command line does; default: glibc's own thresholds")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
+    if args.allocator == "reuse" and not fastlrp.reuse_freed_memory():
+        p.error("--allocator reuse needs glibc")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -117,19 +126,21 @@ def main(argv=None):
             except ImportError as exc:
                 print(f"  LXT not available: {exc}")
         times = {k: [] for k in providers}
+        system = {k: [] for k in providers}  # kernel time per call: mostly page faults of fresh memory
         for fn in providers.values():  # warm-up: one-time costs (caches, first allocations)
             fn(x, target)
         for _ in range(args.repeats):
             for key, fn in providers.items():
-                start = time.perf_counter()
+                start, kernel = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_stime
                 fn(x, target)
                 times[key].append(time.perf_counter() - start)
+                system[key].append(resource.getrusage(resource.RUSAGE_SELF).ru_stime - kernel)
         grad = times["gradient"]
         for key, ts in times.items():
             ratios = [t / g for t, g in zip(ts, grad)]
             row = dict(model=name, provider=key, input=list(x.shape), median_ms=1e3 * statistics.median(ts),
                        min_ms=1e3 * min(ts), ratio_to_gradient=statistics.median(ratios),
-                       ratio_min_over_min=min(ts) / min(grad))
+                       ratio_min_over_min=min(ts) / min(grad), median_system_s=statistics.median(system[key]))
             if key in floors:
                 row["floor"] = floors[key]
                 row["ratio_to_floor"] = row["ratio_to_gradient"] / floors[key]
@@ -137,7 +148,8 @@ def main(argv=None):
                 row["ratio_to_lxt"] = statistics.median(t / u for t, u in zip(ts, times["lxt:attnlrp"]))
             results.append(row)
             extra = "".join(f"  {k} {row[k]:.2f}" for k in ("floor", "ratio_to_floor", "ratio_to_lxt") if k in row)
-            print(f"{name:20s} {key:26s} {row['median_ms']:9.1f} ms  x grad {row['ratio_to_gradient']:.2f}{extra}",
+            print(f"{name:20s} {key:26s} {row['median_ms']:9.1f} ms  x grad {row['ratio_to_gradient']:.2f}{extra}"
+                  f"  (system {row['median_system_s']:.2f} s)",
                   flush=True)
         del providers, model
     env = harness.environment("cpu")

@@ -35,3 +35,15 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _allocator_left_alone(monkeypatch):
+    """The CLI reconfigures its process's allocator (fastlrp.reuse_freed_memory); tests calling it in
+    this process record the call instead, so the suite's process keeps glibc's defaults.
+    tests/test_allocator.py checks the real effect in subprocesses."""
+    from fastlrp import allocator
+
+    calls = []
+    monkeypatch.setattr(allocator, "reuse_freed_memory", lambda enable=True: calls.append(enable) or True)
+    return calls

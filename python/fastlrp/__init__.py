@@ -17,6 +17,7 @@ from .methods import (CAM, LIME, Deconvolution, DeepTaylor, GradCAM, GradCAMPlus
                       GuidedBackpropagation, IntegratedGradients, KernelSHAP, MeaningfulPerturbation, Occlusion,
                       PlainGradient, SensitivityAnalysis, SmoothGrad)
 from .viz import heatmap
+from .allocator import reuse_freed_memory
 from .audit import audit  # the function; the module stays importable as fastlrp.audit via its full path
 from .rules import (AlphaBeta, DeconvNet, Epsilon, Flat, Gamma, Gradient, GuidedBackprop, Norm, Pass,
                     Proportional, WSquare, ZBox, ZPlus)
@@ -25,7 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LRP", "Explanation", "Composite", "UnsupportedLayerError", "available_backends", "build_info",
-    "starting_relevance", "audit", "analysis", "backends", "composites", "linear_form", "heatmap", "layers", "metrics",
+    "starting_relevance", "reuse_freed_memory", "audit", "analysis", "backends", "composites", "linear_form", "heatmap", "layers", "metrics",
     "reference", "rules", "viz", "concepts",
     "AlphaBeta", "DeconvNet", "Epsilon", "Flat", "Gamma", "Gradient", "GuidedBackprop", "Norm", "Pass",
     "Proportional", "WSquare", "ZBox", "ZPlus",

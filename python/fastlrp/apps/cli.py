@@ -253,6 +253,10 @@ def _add_labels_option(p) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastlrp", description="Layer-wise Relevance Propagation for PyTorch.")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
+    parser.add_argument("--return-freed-memory", action="store_true",
+                        help="leave the C library's allocator as it is. By default the command keeps freed CPU "
+                             "memory for its next tensors (fastlrp.reuse_freed_memory, glibc only): no page "
+                             "faults on every call, at the cost of keeping its peak memory until it exits")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser(
@@ -400,6 +404,7 @@ def _cli_advice(message: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fastlrp`` console script; returns the exit code."""
+    from .. import allocator
     from ..extras import MissingExtraError
     from ..engine import UnsupportedLayerError
 
@@ -409,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with _one_line_warnings():
                 args = build_parser().parse_args(argv)
+                if not args.return_freed_memory and allocator.available():
+                    allocator.reuse_freed_memory()
                 return args.func(args)
         except TypeError as err:
             # a model torch.fx cannot trace is the user's to fix, as an unsupported layer is; other
