@@ -122,6 +122,29 @@ def test_data_edits_between_calls_are_seen(backend):
     torch.testing.assert_close(second, fresh, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("numel", [7, 1021 * 3 + 5, 1021 * 1024 + 17])  # small, tiled, above the tiled probe
+def test_fingerprint_forms_agree_and_see_swaps(monkeypatch, dtype, numel):
+    from fastlrp.engine import call
+
+    t = torch.randn(numel, dtype=torch.float64).to(dtype)
+    tiled = call.fingerprint(t)
+    monkeypatch.setattr(call, "_TILED_LENGTH", 0)  # the matrix form for every size
+    matrix = call.fingerprint(t)
+    monkeypatch.undo()
+    # the same weighted sum, summed in another order
+    assert tiled.dtype == matrix.dtype == torch.float64
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-4
+    assert abs(tiled - matrix) <= tolerance * t.double().abs().sum()
+    # two elements trade places (distance not a multiple of the period): the fingerprint moves
+    swapped = t.clone()
+    i, j = 1, numel - 2
+    swapped[i], swapped[j] = t[j], t[i]
+    if t[i] != t[j]:
+        assert call.fingerprint(swapped) != tiled
+    assert call.fingerprint(t.clone()) == tiled  # and is the same for the same values
+
+
 def test_replaced_parameters_are_seen():
     model = Net().double().eval()
     x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
