@@ -26,7 +26,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LRP", "Explanation", "Composite", "UnsupportedLayerError", "available_backends", "build_info",
-    "starting_relevance", "reuse_freed_memory", "audit", "analysis", "backends", "composites", "linear_form", "heatmap", "layers", "metrics",
+    "starting_relevance", "reuse_freed_memory", "audit", "analysis", "backends", "composites", "linear_form",
+    "heatmap", "layers", "metrics",
     "reference", "rules", "viz", "concepts",
     "AlphaBeta", "DeconvNet", "Epsilon", "Flat", "Gamma", "Gradient", "GuidedBackprop", "Norm", "Pass",
     "Proportional", "WSquare", "ZBox", "ZPlus",

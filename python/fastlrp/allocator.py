@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import platform
 import warnings
 
@@ -30,6 +31,7 @@ _DEFAULT_MMAP_MAX = 65536
 _NEVER_TRIM = 2**31 - 1  # mallopt takes an int
 
 
+@functools.cache  # the CLI asks available() and then sets: load the library once
 def _glibc():
     """The process's C library when it is glibc, else None."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
