@@ -53,6 +53,32 @@ def test_every_rule_on_every_layer_matches_reference(rule, dtype):
     torch.testing.assert_close(got, expected, **TOL[dtype])
 
 
+class Gate(nn.Module):
+    """Squeeze-excitation shapes: 1x1 convolutions on a 1x1 map, whose transpose is one GEMM."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc1, self.fc2 = nn.Conv2d(6, 4, 1), nn.Conv2d(4, 5, 1)
+
+    def forward(self, x):
+        h = F.adaptive_avg_pool2d(F.relu(self.conv(x)), 1)
+        return self.fc2(F.relu(self.fc1(h))).flatten(1)
+
+
+@pytest.mark.parametrize("rule", [fastlrp.Epsilon(), fastlrp.ZPlus(), fastlrp.Gamma(0.25), fastlrp.AlphaBeta()],
+                         ids=repr)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pointwise_layers_on_one_position_match_reference(rule, dtype):
+    torch.manual_seed(1)
+    model = Gate().to(dtype).eval()
+    x = torch.randn(3, 3, 5, 7, dtype=dtype)
+    composite = fastlrp.Composite(layer_map=[(nn.Conv2d, rule)])
+    expected, got, _ = both(model, x, torch.tensor([4, 0, 2]), composite=composite)
+    scale = expected.abs().max()  # the relevance here is small against TOL's atol
+    torch.testing.assert_close(got / scale, expected / scale, **TOL[dtype])
+
+
 @pytest.mark.parametrize("dims,shape", [(1, (2, 3, 11)), (3, (1, 3, 5, 6, 7))])
 @pytest.mark.parametrize("composite", ["epsilon_gamma_box", "epsilon_alpha2_beta1_flat"])
 def test_conv1d_conv3d(dims, shape, composite):
