@@ -3,6 +3,8 @@ recorded in the forward pass with torch's fused attention and normalization kern
 reference's relevance (which reruns each block with written-out forms), the model's own output, and
 run each block once."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -281,3 +283,48 @@ def test_block_may_write_into_its_input():
     torch.testing.assert_close(native.relevance, reference.relevance)
     with torch.no_grad():
         torch.testing.assert_close(native.output, model(x))
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("q_thw,k_thw,heads,dim,table_rows", [
+    ((2, 4, 4), (2, 2, 2), 2, 8, (7, 7, 3)),      # pooled keys
+    ((3, 5, 5), (3, 5, 5), 1, 6, (11, 9, 5)),     # tables resized (interpolated) to the distances
+    ((2, 2, 3), (1, 4, 6), 3, 4, (7, 11, 3)),     # queries coarser than keys, one key frame
+])
+def test_lighter_add_rel_pos_is_torchvisions(dtype, q_thw, k_thw, heads, dim, table_rows):
+    """backends/helpers.add_rel_pos: torchvision's values bit for bit, without writing into the scores,
+    and the same gradient for the scores and q (the native path runs it; the reference runs torchvision's)."""
+    from torchvision.models.video import mvit
+
+    from fastlrp.backends import helpers
+    assert helpers.lighter_version(mvit._add_rel_pos) is helpers.add_rel_pos
+    torch.manual_seed(3)
+    n, m = 1 + math.prod(q_thw), 1 + math.prod(k_thw)
+    scores = torch.randn(2, heads, n, m, dtype=dtype, requires_grad=True)
+    q = torch.randn(2, heads, n, dim, dtype=dtype, requires_grad=True)
+    tables = [torch.randn(rows, dim, dtype=dtype) for rows in table_rows]
+    kept = scores.detach().clone()
+    expected = mvit._add_rel_pos(scores.clone(), q, q_thw, k_thw, *tables)
+    got = helpers.add_rel_pos(scores, q, q_thw, k_thw, *tables)
+    assert torch.equal(scores.detach(), kept)
+    assert torch.equal(got, expected)
+    grad = torch.randn_like(expected)
+    for e, g in zip(torch.autograd.grad(expected, (scores, q), grad), torch.autograd.grad(got, (scores, q), grad)):
+        tolerance = 1e-12 if dtype == F64 else 1e-5  # sums in another order
+        torch.testing.assert_close(g, e, rtol=tolerance, atol=tolerance * e.abs().max().item())
+
+
+def test_native_mvit_runs_the_lighter_helper(monkeypatch):
+    from fastlrp.backends import helpers
+    calls = []
+    lighter = helpers.add_rel_pos
+    monkeypatch.setattr(helpers, "_LIGHTER", {key: lambda *a: calls.append(1) or lighter(*a)
+                                              for key in helpers._LIGHTER})
+    torch.manual_seed(0)
+    build, shape = MODELS["mvit"]
+    model = build()
+    x = torch.randn(*shape, dtype=F64)
+    native = LRP(model, "attnlrp", backend="native")(x, 1)
+    assert len(calls) == len(model.blocks)  # one per attention block
+    reference = LRP(model, "attnlrp", backend="reference")(x, 1)
+    torch.testing.assert_close(native, reference, rtol=1e-9, atol=1e-9 * reference.abs().max().item())

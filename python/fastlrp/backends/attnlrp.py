@@ -206,10 +206,12 @@ def bilinear(layer, inputs: tuple) -> torch.Tensor:
 
 def block(layer, inputs: tuple) -> torch.Tensor:
     """A layer norm, attention module or kept-whole function under AttnLRP (CP-LRP)."""
+    fn = layer.lighter_fn or layer.fn  # backends/helpers.py: the same values, a cheaper gradient
+
     def run(*operands):
-        output = layer.fn(*operands)
+        output = fn(*operands)
         return output[0] if layer.returns_pair else output
 
     return explain_in_forward(run, inputs, layer.carrying, layer.rule.stabilizer,
                               hold_attention=bool(getattr(layer.rule, "hold_attention", False)),
-                              copy_inputs=layer.writes_inputs)
+                              copy_inputs=layer.writes_inputs and layer.lighter_fn is None)

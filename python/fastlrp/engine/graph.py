@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import layers
+from ..backends import helpers
 from .._common.model_view import eval_view
 from ..composites import Composite
 from ..rules import (AttnLRP, DeconvNet, Gradient, GuidedBackprop, LayerNormIdentity, LinearRule, Norm, Pass,
@@ -547,17 +548,20 @@ def _transformer_layer(node, site, name, resolve, values):
     if target in ATTENTION_FUNCTIONS or (node.op == "call_function" and _is_wrapped_helper(target)
                                          and name not in STRUCTURAL_HELPERS and name not in EVAL_IDENTITIES):
         # a wrapped helper may write into its inputs (MViT's _add_rel_pos); torch's functions do not
+        lighter = helpers.lighter_version(target)
         return _block(site, f"{name}()", layers.Function(name), (AttnLRP,), fn, inputs, carrying, resolve,
-                      writes_inputs=target not in ATTENTION_FUNCTIONS)
+                      writes_inputs=target not in ATTENTION_FUNCTIONS,
+                      lighter_fn=None if lighter is None else _bind(lighter, node.args, node.kwargs)[0])
     return False
 
 
-def _block(site, label, template, allowed, fn, inputs, carrying, resolve, writes_inputs=False):
+def _block(site, label, template, allowed, fn, inputs, carrying, resolve, writes_inputs=False, lighter_fn=None):
     rule = resolve(site, template)
     _check_rule(site, label, rule, allowed + (Gradient,))
     if isinstance(rule, Gradient):
         return _with_inputs(GradientLayer(site, fn), inputs)
-    return _with_inputs(BlockLayer(site, rule, fn, carrying, writes_inputs=writes_inputs), inputs)
+    return _with_inputs(BlockLayer(site, rule, fn, carrying, writes_inputs=writes_inputs, lighter_fn=lighter_fn),
+                        inputs)
 
 
 def _is_wrapped_helper(target) -> bool:

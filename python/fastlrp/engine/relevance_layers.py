@@ -402,15 +402,18 @@ class BlockLayer(RelevanceLayer):
     gradient under AttnLRP's gradient forms, times its input. ``carrying`` says which inputs carry
     relevance (the others are weights, masks, shapes). ``returns_pair``: the block answers (output,
     None), as nn.MultiheadAttention does with need_weights=False. ``writes_inputs``: the block may
-    write into its inputs (a wrapped helper), so they are copied where it runs."""
+    write into its inputs (a wrapped helper), so they are copied where it runs. ``lighter_fn``: the
+    same function computed with a cheaper gradient and without writing into its inputs
+    (backends/helpers.py), for the backends that run the block in gradient form; the reference backend
+    runs ``fn``."""
 
     kind = "block"
 
     def __init__(self, site: str, rule: Rule, fn: Callable, carrying: tuple, returns_pair: bool = False,
-                 writes_inputs: bool = False):
+                 writes_inputs: bool = False, lighter_fn: Callable | None = None):
         super().__init__(site, rule)
         self.fn, self.carrying, self.returns_pair = fn, tuple(carrying), returns_pair
-        self.writes_inputs = writes_inputs
+        self.writes_inputs, self.lighter_fn = writes_inputs, lighter_fn
 
     def forward(self, *inputs):
         output = super().forward(*inputs)
