@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..reference.attention import AttnLRPMode, _carrying, _DivideGradient
 from ..reference.stabilize import stabilize
-from .base import handle_of, offer_handle
+from .base import handle_of, offer_handle, reusable
 
 
 class _RelevanceToGradient(torch.autograd.Function):
@@ -50,12 +50,14 @@ class _RelevanceToGradient(torch.autograd.Function):
         fused = y.ndim >= 2 and ops.native_supports(y.device, y.dtype)
         if gradient is not None:  # y * g: the handle's relevance
             if relevance is None and fused:  # c g y / stab(y), one pass
-                return ops.sum_relevance([y], gradient, y, [share], epsilon=eps)[0], None, None
+                given_up = gradient if reusable(gradient) else None
+                return ops.sum_relevance([y], gradient, y, [share], epsilon=eps, overwrite=given_up)[0], None, None
             relevance = y * gradient if relevance is None else torch.addcmul(relevance, y, gradient)
         if relevance is None:
             return None, None, None
         if fused:  # one pass
-            return ops.stabilize_divide(relevance, [y], [share], epsilon=eps), None, None
+            given_up = relevance if reusable(relevance) else None
+            return ops.stabilize_divide(relevance, [y], [share], epsilon=eps, overwrite=given_up), None, None
         return relevance * share / stabilize(y, eps), None, None
 
 
@@ -74,7 +76,7 @@ class _GradientToRelevance(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        return grad * x, None
+        return (grad.mul_(x) if reusable(grad) else grad * x), None
 
 
 class _LayerNormHeldScale(torch.autograd.Function):
@@ -91,9 +93,12 @@ class _LayerNormHeldScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         rstd, weight = ctx.saved_tensors
+        own = reusable(grad)  # then every step below writes into grad
         if weight is not None:
-            grad = grad * weight
-        return (grad - grad.mean(ctx.dims, keepdim=True)) * rstd.to(grad.dtype), None, None, None, None
+            grad, own = (grad.mul_(weight) if own else grad * weight), True
+        mean = grad.mean(ctx.dims, keepdim=True)
+        centred = grad.sub_(mean) if own else grad - mean
+        return centred.mul_(rstd.to(grad.dtype)), None, None, None, None
 
 
 class _RMSNormHeldScale(torch.autograd.Function):
@@ -189,7 +194,8 @@ class _SoftmaxRelevance(torch.autograd.Function):
         x, s = ctx.saved_tensors
         if relevance is None and gradient is None:
             return None, None, None
-        return None, ops.softmax_relevance(x, s, relevance, gradient, ctx.dim), None
+        given_up = gradient if reusable(gradient) else relevance if reusable(relevance) else None
+        return None, ops.softmax_relevance(x, s, relevance, gradient, ctx.dim, overwrite=given_up), None
 
 
 def softmax(layer, x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,9 @@ reference backend runs every layer by its own ``reference_relevance``: the oracl
 
 from __future__ import annotations
 
+import sys
+import threading
+
 import torch
 
 
@@ -67,6 +70,70 @@ def withdraw_handle(output) -> None:
     """All relevance must reach ``output`` itself (a hook or a mask there has to see it)."""
     if handle_of(output) is not None:
         setattr(output, _HANDLE, None)
+
+
+# Reusing the gradient a backward receives. A backward that turns an incoming relevance or gradient into
+# a tensor of the same shape may write the result into the incoming tensor where nothing else holds it:
+# no second score-sized or activation-sized tensor, and on the CPU none of the page faults a fresh large
+# block costs (docs/native.md, "Memory reuse on CPU"). autograd hands a backward a tensor that only it
+# held, often a view of one (the gradient of a reshape or of a batched matmul); a tensor still held
+# elsewhere has a second owner in one of three places, each checked:
+#   - C++ (another node's input buffer, a saved tensor): the reference counts of the tensor and its base;
+#   - another tensor on its memory (a view, a detached copy kept by a tap): the storage's count;
+#   - Python (a hook that kept the tensor object): the objects' reference counts, against the counts a
+#     backward sees for a gradient nobody keeps, measured once on this interpreter.
+_UNSHARED_PYTHON_REFERENCES: dict = {}  # view or not -> (references to the gradient, to its base)
+_calibration = threading.local()
+_calibration_lock = threading.Lock()
+
+
+def reusable(grad) -> bool:
+    """Whether ``grad``, an argument of the calling backward, is held by nothing else (so the backward
+    may write its result into it): a CPU tensor, or a view covering all of its base. Call it from the
+    backward itself, with the argument as it came."""
+    if not (type(grad) is torch.Tensor and grad.device.type == "cpu" and not grad.requires_grad
+            and grad._use_count() == 1):
+        return False
+    base = grad._base
+    # the storage's holders: grad, its base (a view), and the storage object made here to ask
+    if torch._C._storage_Use_Count(grad.untyped_storage()._cdata) != (2 if base is None else 3):
+        return False
+    # a view's base: held by the view and by the Python object made here to ask
+    if base is not None and not (base._base is None and base._use_count() == 2 and base.numel() == grad.numel()
+                                 and base.data_ptr() == grad.data_ptr()):
+        return False
+    references = (sys.getrefcount(grad), 0 if base is None else sys.getrefcount(base))
+    if getattr(_calibration, "running", False):
+        _UNSHARED_PYTHON_REFERENCES[base is not None] = references
+        return False
+    expected = _unshared_python_references(base is not None)
+    return references[0] <= expected[0] and references[1] <= expected[1]
+
+
+class _Calibration(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        reusable(grad)
+        return grad
+
+
+def _unshared_python_references(view: bool) -> tuple:
+    with _calibration_lock:
+        if not _UNSHARED_PYTHON_REFERENCES:
+            with torch.enable_grad():
+                x = torch.zeros(2, 2, requires_grad=True)
+                _calibration.running = True
+                try:
+                    (_Calibration.apply(x * 1.0) * 2.0).sum().backward()  # a gradient of its own
+                    (_Calibration.apply(x * 1.0).reshape(4) * 2.0).sum().backward()  # a view of one
+                finally:
+                    _calibration.running = False
+        # where a probe's gradient looked shared: never reuse
+        return _UNSHARED_PYTHON_REFERENCES.get(view, (0, 0))
 
 
 class RuleFunction(torch.autograd.Function):

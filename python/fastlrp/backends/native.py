@@ -32,7 +32,7 @@ from .. import ops
 from ..linear_form import LinearForm, broadcast_bound, modified_input
 from ..reference.affine import AffineOp
 from . import attnlrp
-from .base import Backend
+from .base import Backend, reusable
 
 _CODES = {"x": ops.IDENTITY, "x+": ops.POSITIVE, "x-": ops.NEGATIVE, "ones": ops.ONE, "low": ops.TENSOR,
           "high": ops.TENSOR}
@@ -172,7 +172,7 @@ class BlockRule:
                 part.add_(self.group_biases[g].reshape(self.op.bias_shape(part.ndim)))
         return z
 
-    def _split_relevance(self, x, z, output, relevance):
+    def _split_relevance(self, x, z, output, relevance):  # relevance is read once per rule group
         c_out = relevance.shape[1]
         y = output if self.uses_mask else None
         g_parts = [None] * len(self.modifiers)
@@ -184,9 +184,11 @@ class BlockRule:
                 if w is not None:
                     t = transposed(self.op, s, w, x.shape)
                     g_parts[m] = t if g_parts[m] is None else g_parts[m].add_(t)
-        return ops.combine(x, g_parts, [_CODES[m] for m in self.modifiers], [])
+        return ops.combine(x, g_parts, [_CODES[m] for m in self.modifiers], [], overwrite=g_parts[0])
 
-    def relevance(self, x, z, output, relevance):
+    def relevance(self, x, z, output, relevance, given_up: bool = False):
+        """R_in from the relevance at the output; ``given_up``: the caller holds the only reference to
+        ``relevance``, so S may be written into it."""
         if self.split_parts:
             return self._split_relevance(x, z, output, relevance)
         groups, c_out, rule_groups = self.conv_groups, relevance.shape[1], len(self.coefficients)
@@ -194,7 +196,8 @@ class BlockRule:
         # channel where per_group == 1 (depthwise) or there is one group of either kind
         zs = [_deinterleaved(z, rule_groups, g, groups) for g in range(rule_groups)]
         s = ops.stabilize_divide(relevance, zs, self.coefficients, self.masks,
-                                 y=output if self.uses_mask else None, epsilon=self.epsilon)
+                                 y=output if self.uses_mask else None, epsilon=self.epsilon,
+                                 overwrite=relevance if given_up and rule_groups == 1 else None)
         if groups > 1 and rule_groups > 1:  # (rule group, conv group, channel) -> (conv group, rule group, ...)
             s = _interleave(list(s.chunk(rule_groups, dim=1)), groups, dim=1)
         m = len(self.modifiers)
@@ -204,7 +207,9 @@ class BlockRule:
         else:  # one transposed convolution per modifier, all of the same s
             g = [transposed(self.op, s, rows, x.shape) for rows in self.weight.chunk(m, dim=0)]  # no cat: a list
         bounds = [broadcast_bound(self.form.bounds[m], x, m) for m in self.modifiers if m in ("low", "high")]
-        return ops.combine(x, g, [_CODES[m] for m in self.modifiers], bounds)
+        # g is this call's own product: the result may go into it
+        return ops.combine(x, g, [_CODES[m] for m in self.modifiers], bounds,
+                           overwrite=g if isinstance(g, torch.Tensor) else g[0])
 
 
 def _cat(tensors: list, dim: int) -> torch.Tensor:
@@ -264,11 +269,12 @@ class BlockFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, relevance):
+        given_up = reusable(relevance)
         x, z, output = ctx.saved_tensors
         block = ctx.block
         if z is None:
             z = block.z(x, output)
-        return None, None, block.relevance(x, z, output, relevance)
+        return None, None, block.relevance(x, z, output, relevance, given_up)
 
 
 def pointwise(op: AffineOp, weight: torch.Tensor) -> bool:

@@ -41,15 +41,42 @@ def native_supports(device: torch.device, dtype: torch.dtype) -> bool:
     return False
 
 
-def _new_output(shape, like: Tensor, follow_layout: bool = True) -> Tensor:
-    """Every kernel output is allocated here (tests replace it to poison outputs); channels-last where
-    ``like`` is and ``follow_layout``, else contiguous."""
-    channels_last = follow_layout and like.ndim in (4, 5) and not like.is_contiguous() and like.is_contiguous(
-        memory_format=torch.channels_last if like.ndim == 4 else torch.channels_last_3d)
-    if channels_last:
+def _output_format(like: Tensor, follow_layout: bool = True) -> torch.memory_format:
+    """channels-last where ``like`` is and ``follow_layout``, else contiguous."""
+    if follow_layout and like.ndim in (4, 5) and not like.is_contiguous():
         fmt = torch.channels_last if like.ndim == 4 else torch.channels_last_3d
-        return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
+        if like.is_contiguous(memory_format=fmt):
+            return fmt
+    return torch.contiguous_format
+
+
+def _new_output(shape, like: Tensor, follow_layout: bool = True) -> Tensor:
+    """Every kernel output is allocated here (tests replace it to poison outputs), in
+    ``_output_format``."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device,
+                       memory_format=_output_format(like, follow_layout))
+
+
+def _overwritable(overwrite: Optional[Tensor], allowed: Sequence, op: str, shape, like: Tensor,
+                  follow_layout: bool = True) -> Optional[Tensor]:
+    """The tensor the caller gave up (``overwrite``) where the kernel may write its result into it: an
+    eager call on the CPU kernels, the result's shape and layout. ``allowed``: the inputs the op's
+    kernel reads at each position before writing it there (the only ones it may overwrite). The
+    CUDA kernels are not used in place (not verified there)."""
+    if overwrite is None:
+        return None
+    if not any(overwrite is t for t in allowed if t is not None):
+        raise ValueError(f"fastlrp.ops.{op}: overwrite must be one of the op's inputs it may write into "
+                         f"(see its docstring)")
+    if (overwrite.device.type == "cpu" and native_supports(overwrite.device, overwrite.dtype)
+            and tuple(overwrite.shape) == tuple(shape)
+            and overwrite.is_contiguous(memory_format=_output_format(like, follow_layout))):
+        return overwrite
+    return None
+
+
+def _shares_memory(a: Tensor, b: Optional[Tensor]) -> bool:
+    return b is not None and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def check_pool_shapes(op: str, kind: str, x: Tensor, relevance: Tensor) -> int:
@@ -109,8 +136,14 @@ def _check_like(ref: Tensor, ref_name: str, t: Tensor, name: str, op: str, shape
 
 def _stabilize_divide_impl(relevance: Tensor, z: list[Tensor], y: Optional[Tensor], coefficients: list[float],
                       masks: list[int], epsilon: float) -> Tensor:
+    return _stabilize_divide_into(None, relevance, z, y, coefficients, masks, epsilon)
+
+
+def _stabilize_divide_into(out: Optional[Tensor], relevance: Tensor, z: list[Tensor], y: Optional[Tensor],
+                           coefficients: list[float], masks: list[int], epsilon: float) -> Tensor:
     channels = relevance.shape[1]
-    out = _new_output((relevance.shape[0], channels * len(z)) + tuple(relevance.shape[2:]), relevance)
+    if out is None:
+        out = _new_output((relevance.shape[0], channels * len(z)) + tuple(relevance.shape[2:]), relevance)
     parts = [out.narrow(1, g * channels, channels) for g in range(len(z))]
     if native_supports(relevance.device, relevance.dtype):
         _C.stabilize_divide(
@@ -138,11 +171,14 @@ def _(relevance, z, y, coefficients, masks, epsilon):
 
 
 def stabilize_divide(relevance: Tensor, z: Sequence[Tensor], coefficients: Sequence[float] | None = None,
-                     masks: Sequence[int] | None = None, y: Tensor | None = None, epsilon: float = 1e-6) -> Tensor:
+                     masks: Sequence[int] | None = None, y: Tensor | None = None, epsilon: float = 1e-6,
+                     overwrite: Tensor | None = None) -> Tensor:
     """s_g = c_g * mask_g(y) * R / stab(z_g) for each group g, concatenated along channels.
 
     ``relevance`` R and every ``z[g]`` have the layer output's shape (N, C, ...); the result
     has G*C channels. ``masks[g]``: 0 none, 1 where y > 0, 2 where y < 0 (the Gamma rule).
+    ``overwrite``: ``relevance``, given up by the caller; with one group the result may be written into
+    it (eager CPU calls), and the returned tensor is then that one.
     """
     op = "stabilize_divide"
     _check_float(relevance, "relevance", op)
@@ -165,13 +201,22 @@ def stabilize_divide(relevance: Tensor, z: Sequence[Tensor], coefficients: Seque
         raise ValueError(f"fastlrp.ops.{op}: relevance must be (N, C, ...), got shape {tuple(relevance.shape)}")
     args = (readable(relevance), [readable(t) for t in z], None if y is None else readable(y), coefficients,
             masks, float(epsilon))
-    return (_stabilize_divide_impl if _plain_eager((args[0], *args[1], args[2])) else _stabilize_divide)(*args)
+    if not _plain_eager((args[0], *args[1], args[2])):
+        return _stabilize_divide(*args)
+    shape = (relevance.shape[0], relevance.shape[1] * len(z)) + tuple(relevance.shape[2:])
+    return _stabilize_divide_into(_overwritable(overwrite, [relevance], op, shape, relevance), *args)
 
 
 # ---------------------------------------------------------------- combine
 
 def _combine_impl(x: Tensor, chunks: list[Tensor], modifiers: list[int], bounds: list[Tensor]) -> Tensor:
-    out = _new_output(x.shape, x)
+    return _combine_into(None, x, chunks, modifiers, bounds)
+
+
+def _combine_into(out: Optional[Tensor], x: Tensor, chunks: list[Tensor], modifiers: list[int],
+                  bounds: list[Tensor]) -> Tensor:
+    if out is None:
+        out = _new_output(x.shape, x)
     if native_supports(x.device, x.dtype):
         bound_iter = iter(bounds)
         bound_views = [flat_view(next(bound_iter), f"bound[{k}]") if m == TENSOR else None
@@ -201,11 +246,13 @@ def _(x, chunks, modifiers, bounds):
 
 
 def combine(x: Tensor, g: Tensor | Sequence[Tensor], modifiers: Sequence[int],
-            bounds: Sequence[Tensor] = ()) -> Tensor:
+            bounds: Sequence[Tensor] = (), overwrite: Tensor | None = None) -> Tensor:
     """R_in = sum_k m_k(x) * g_k, where g holds the K parts g_k along channels (N, K*C, ...), or is the
     list of the K parts, each of x's shape (no concatenation where they come from separate products).
 
     ``modifiers[k]``: 0 x, 1 x+, 2 x-, 3 one, 4 the next tensor of ``bounds`` (broadcast to x).
+    ``overwrite``: the first part g_0 (or g itself, with one part), given up by the caller; the result
+    may be written into it (eager CPU calls), and the returned tensor is then that one.
     """
     op = "combine"
     _check_float(x, "x", op)
@@ -240,7 +287,12 @@ def combine(x: Tensor, g: Tensor | Sequence[Tensor], modifiers: Sequence[int],
             raise ValueError(f"fastlrp.ops.{op}: bounds[{k}] of shape {tuple(b.shape)} does not broadcast to "
                              f"x's shape {tuple(x.shape)}") from None
     args = (readable(x), [readable(t) for t in chunks], modifiers, [readable(b) for b in expanded])
-    return (_combine_impl if _plain_eager((args[0], *args[1], *args[3])) else _combine)(*args)
+    if not _plain_eager((args[0], *args[1], *args[3])):
+        return _combine(*args)
+    first = g if isinstance(g, Tensor) else chunks[0]
+    target = _overwritable(overwrite, [first], op, x.shape, x)
+    # the kernel reads x in every part's sweep and g_0 only in the first
+    return _combine_into(target if target is None or not _shares_memory(target, x) else None, *args)
 
 
 # ---------------------------------------------------------------- pooling
@@ -403,7 +455,12 @@ def _pool_reference(x, relevance, kind, kernel_size, stride, padding, ceil_mode,
 
 def _sum_relevance_impl(inputs: list[Tensor], alpha: list[float], y: Tensor, relevance: Tensor,
                    epsilon: float) -> list[Tensor]:
-    outs = [_new_output(relevance.shape, relevance) for _ in inputs]
+    return _sum_relevance_into(None, inputs, alpha, y, relevance, epsilon)
+
+
+def _sum_relevance_into(out: Optional[Tensor], inputs: list[Tensor], alpha: list[float], y: Tensor,
+                        relevance: Tensor, epsilon: float) -> list[Tensor]:
+    outs = [out] if out is not None else [_new_output(relevance.shape, relevance) for _ in inputs]
     if native_supports(relevance.device, relevance.dtype):
         _C.sum([flat_view(t, f"inputs[{k}]") for k, t in enumerate(inputs)],
                list(alpha), flat_view(y, "y"), flat_view(relevance, "relevance"),
@@ -426,8 +483,10 @@ def _(inputs, alpha, y, relevance, epsilon):
 
 
 def sum_relevance(inputs: Sequence[Tensor], relevance: Tensor, y: Tensor, alpha: Sequence[float] | None = None,
-                  epsilon: float = 1e-6) -> list:
-    """Norm rule of y = sum_i a_i x_i (residual sums): R_i = a_i x_i R / stab(y), in one pass."""
+                  epsilon: float = 1e-6, overwrite: Tensor | None = None) -> list:
+    """Norm rule of y = sum_i a_i x_i (residual sums): R_i = a_i x_i R / stab(y), in one pass.
+    ``overwrite``: ``relevance``, given up by the caller; with one input the result may be written into
+    it (eager CPU calls), and the returned tensor is then that one."""
     op = "sum_relevance"
     _check_float(relevance, "relevance", op)
     inputs = list(inputs)
@@ -442,7 +501,10 @@ def sum_relevance(inputs: Sequence[Tensor], relevance: Tensor, y: Tensor, alpha:
     if relevance.ndim < 2:
         raise ValueError(f"fastlrp.ops.{op}: relevance must be (N, C, ...), got shape {tuple(relevance.shape)}")
     args = ([readable(t) for t in inputs], alpha, readable(y), readable(relevance), float(epsilon))
-    return (_sum_relevance_impl if _plain_eager((*args[0], args[2], args[3])) else _sum_relevance)(*args)
+    if not _plain_eager((*args[0], args[2], args[3])):
+        return _sum_relevance(*args)
+    target = _overwritable(overwrite, [relevance], op, relevance.shape, relevance)
+    return _sum_relevance_into(target if len(inputs) == 1 else None, *args)
 
 
 # ---------------------------------------------------------------- softmax rule
@@ -454,7 +516,13 @@ def _rows(t: Tensor, name: str, length: int) -> tuple:
 
 def _softmax_relevance_impl(x: Tensor, s: Tensor, relevance: Optional[Tensor], gradient: Optional[Tensor],
                             dim: int) -> Tensor:
-    out = _new_output(x.shape, x, follow_layout=False)  # contiguous: the kernel's rows
+    return _softmax_relevance_into(None, x, s, relevance, gradient, dim)
+
+
+def _softmax_relevance_into(out: Optional[Tensor], x: Tensor, s: Tensor, relevance: Optional[Tensor],
+                            gradient: Optional[Tensor], dim: int) -> Tensor:
+    if out is None:
+        out = _new_output(x.shape, x, follow_layout=False)  # contiguous: the kernel's rows
     if dim % x.ndim == x.ndim - 1 and native_supports(x.device, x.dtype):  # rows along the last dim
         length = x.shape[-1]
         dense = [None if t is None else t.contiguous() for t in (x, s, relevance, gradient)]  # kept alive
@@ -478,10 +546,12 @@ def _(x, s, relevance, gradient, dim):
 
 
 def softmax_relevance(x: Tensor, s: Tensor, relevance: Optional[Tensor] = None, gradient: Optional[Tensor] = None,
-                      dim: int = -1) -> Tensor:
+                      dim: int = -1, overwrite: Tensor | None = None) -> Tensor:
     """AttnLRP's softmax rule for s = softmax(x, dim): R_x = x * (T - s * sum_dim(T)) with T = R + s * g, the
     relevance at s given as relevance R, as a gradient g (the relevance s * g), or both; a masked logit
-    (x = -inf) gets 0. One pass over rows along ``dim``."""
+    (x = -inf) gets 0. One pass over rows along ``dim``. ``overwrite``: ``relevance`` or ``gradient``,
+    given up by the caller; the result may be written into it (eager CPU calls, rows along the last
+    dim), and the returned tensor is then that one."""
     op = "softmax_relevance"
     _check_float(x, "x", op)
     _check_like(x, "x", s, "s", op)
@@ -493,4 +563,10 @@ def softmax_relevance(x: Tensor, s: Tensor, relevance: Optional[Tensor] = None, 
     if not -x.ndim <= dim < x.ndim:
         raise ValueError(f"fastlrp.ops.{op}: dim {dim} is out of range for x of shape {tuple(x.shape)}")
     args = (x, s, relevance, gradient, int(dim))
-    return (_softmax_relevance_impl if _plain_eager((x, s, relevance, gradient)) else _softmax_relevance)(*args)
+    if not _plain_eager((x, s, relevance, gradient)):
+        return _softmax_relevance(*args)
+    target = _overwritable(overwrite, [relevance, gradient], op, x.shape, x, follow_layout=False)
+    # the kernel walks rows along the last dim; the written-out form reads its inputs more than once
+    rows = dim % x.ndim == x.ndim - 1 and target is not None and not _shares_memory(target, x) and \
+        not _shares_memory(target, s)
+    return _softmax_relevance_into(target if rows else None, *args)
