@@ -85,6 +85,7 @@ def withdraw_handle(output) -> None:
 _UNSHARED_PYTHON_REFERENCES: dict = {}  # view or not -> (references to the gradient, to its base)
 _calibration = threading.local()
 _calibration_lock = threading.Lock()
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def reusable(grad) -> bool:
@@ -92,7 +93,7 @@ def reusable(grad) -> bool:
     may write its result into it): a CPU tensor, or a view covering all of its base. Call it from the
     backward itself, with the argument as it came."""
     if not (type(grad) is torch.Tensor and grad.device.type == "cpu" and not grad.requires_grad
-            and grad._use_count() == 1):
+            and grad._use_count() == 1) or torch.compiler.is_compiling() or _functorch_wrapped(grad):
         return False
     base = grad._base
     # the storage's holders: grad, its base (a view), and the storage object made here to ask
