@@ -301,11 +301,11 @@ def transposed(op: AffineOp, s: torch.Tensor, weight: torch.Tensor, input_shape:
         # GEMM directly, which reads W^T in place
         if s.is_contiguous():
             w = weight.reshape(weight.shape[0], weight.shape[1])
-            if math.prod(s.shape[2:]) == 1:  # one position (squeeze-excitation gates): (N, C_out) x W, one GEMM.
+            if math.prod(s.shape[2:]) == 1:  # one position (squeeze-excitation gates): (N, C_out) x W, one GEMM;
                 # W^T broadcast over the batch was copied per sample: 10x slower at (2, 960, 1, 1)
-                return s.reshape(s.shape[0], s.shape[1]).matmul(w).reshape((s.shape[0], weight.shape[1]) +
-                                                                         tuple(s.shape[2:]))
-            flat = torch.matmul(w.t(), s.reshape(s.shape[0], s.shape[1], -1))
+                flat = s.reshape(s.shape[0], s.shape[1]).matmul(w)
+            else:
+                flat = torch.matmul(w.t(), s.reshape(s.shape[0], s.shape[1], -1))
             return flat.reshape((s.shape[0], weight.shape[1]) + tuple(s.shape[2:]))
         return torch.ops.aten.convolution(s, weight.transpose(0, 1), None, ones, [0] * op.dims, ones, False,
                                           [0] * op.dims, 1)

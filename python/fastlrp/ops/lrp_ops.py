@@ -291,8 +291,9 @@ def combine(x: Tensor, g: Tensor | Sequence[Tensor], modifiers: Sequence[int],
         return _combine(*args)
     first = g if isinstance(g, Tensor) else chunks[0]
     target = _overwritable(overwrite, [first], op, x.shape, x)
-    # the kernel reads x in every part's sweep and g_0 only in the first
-    return _combine_into(target if target is None or not _shares_memory(target, x) else None, *args)
+    if target is not None and _shares_memory(target, x):  # the kernel reads x in every part's sweep, g_0 in the first
+        target = None
+    return _combine_into(target, *args)
 
 
 # ---------------------------------------------------------------- pooling

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .lrp_ops import check_pool_shapes
+from .lrp_ops import _output_format, check_pool_shapes
 from .triton_fallback import forward_torch, pool_torch, relevance_torch, sum_torch
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -97,11 +97,7 @@ def allow_tf32(device: torch.device, kind: str) -> bool:
 
 def _like_layout(shape, like: Tensor) -> Tensor:
     """A new tensor of ``shape`` with ``like``'s memory format (channels-last stays channels-last)."""
-    if like.ndim in (4, 5) and not like.is_contiguous():
-        fmt = torch.channels_last if like.ndim == 4 else torch.channels_last_3d
-        if like.is_contiguous(memory_format=fmt):
-            return _new_output(shape, like, fmt)
-    return _new_output(shape, like, torch.contiguous_format)
+    return _new_output(shape, like, _output_format(like))
 
 
 def _new_output(shape, like: Tensor, memory_format) -> Tensor:
